@@ -1,0 +1,70 @@
+# The single interface: every target does its own set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PACKAGES := detfleet shared producer consumer
+
+.PHONY: help install services setup test unit integration lint format demo bench soak train up down clean
+
+help:
+	@echo "make demo   run the main job end to end"
+	@echo "make test   lint, then unit and integration tests against the real RabbitMQ and Postgres"
+	@echo "make lint   ruff and mypy (strict) on the packages and tests"
+	@echo "make bench | soak | train | up | down | clean"
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+services:
+	scripts/services.sh
+
+# Topology on the default vhost and the database with its migrations: what demo and the fleet need.
+setup: install services
+	$(BIN)/detfleet topology apply
+	$(BIN)/detfleet db migrate
+
+lint: install
+	$(BIN)/ruff check $(PACKAGES) tests bench
+	$(BIN)/ruff format --check $(PACKAGES) tests bench
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format $(PACKAGES) tests bench
+	$(BIN)/ruff check --fix $(PACKAGES) tests bench
+
+unit: install
+	$(BIN)/pytest tests/unit -q
+
+integration: setup
+	$(BIN)/pytest tests/integration -q
+
+test: lint setup
+	$(BIN)/pytest tests -q -p no:cacheprovider
+
+demo: setup
+	$(BIN)/python -m detfleet.demo
+
+bench: setup
+	@echo "make bench: not available yet" >&2; exit 2
+
+soak: setup
+	@echo "make soak: not available yet" >&2; exit 2
+
+train: install
+	@echo "make train: not available yet" >&2; exit 2
+
+up:
+	docker compose -f deploy/docker-compose.yml up -d --build
+
+down:
+	docker compose -f deploy/docker-compose.yml down
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out

@@ -1,0 +1,5 @@
+import sys
+
+from detfleet.cli import main
+
+sys.exit(main())

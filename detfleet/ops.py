@@ -1,0 +1,75 @@
+"""Operations commands: ``detfleet topology``, ``detfleet broker``, ``detfleet db``, ``detfleet dlq``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from shared import admin, db
+from shared.logs import configure_logging
+from shared.settings import AdminSettings, load_settings, mask_url
+from shared.topology import Topology, definitions
+
+
+def _settings() -> AdminSettings:
+    settings = load_settings(AdminSettings)
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def topology_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="detfleet topology", description="The broker topology.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("apply", help="declare exchanges, queues, bindings and policies (idempotent)")
+    show = sub.add_parser("definitions", help="print rabbitmq/definitions.json for the current settings")
+    show.add_argument("--vhost", default="/", help="vhost the definitions name (default /)")
+    args = parser.parse_args(argv)
+    settings = _settings()
+    if args.action == "definitions":
+        doc = definitions(Topology.from_settings(settings), vhost=args.vhost)
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    report = asyncio.run(admin.apply_topology(settings))
+    print(
+        f"topology applied to vhost {report.vhost!r} on {mask_url(settings.amqp_url)}: "
+        f"{report.queues} queues, {report.policies} policies"
+        + (
+            f", removed stale policies {', '.join(report.removed_policies)}"
+            if report.removed_policies
+            else ""
+        )
+    )
+    return 0
+
+
+def broker_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="detfleet broker", description="Broker users.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser(
+        "bootstrap",
+        help="create detfleet's users with passwords from DETFLEET_*_PASSWORD or DETFLEET_SECRETS_DIR",
+    )
+    parser.parse_args(argv)
+    users = asyncio.run(admin.bootstrap_users(_settings()))
+    print(f"users ready: {', '.join(users)}")
+    return 0
+
+
+def db_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="detfleet db", description="The results database.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("migrate", help="create the database if missing and apply pending migrations")
+    parser.parse_args(argv)
+    settings = _settings()
+    applied = asyncio.run(db.migrate(settings.database_url))
+    names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none pending"
+    print(f"database {db.database_name(settings.database_url)} migrated: {names}")
+    return 0
+
+
+def dlq_main(argv: Sequence[str]) -> int:
+    print("detfleet dlq: not available yet", file=sys.stderr)
+    return 2

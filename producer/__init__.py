@@ -1,0 +1,1 @@
+"""detfleet producer."""

@@ -1,0 +1,236 @@
+"""aio-pika behind detfleet's own types: connect, declare, publish with confirms, consume, settle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    AMQPError,
+    ChannelClosed,
+    ChannelInvalidStateError,
+    DeliveryError,
+    PublishError,
+)
+
+from shared.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    PublishNackedError,
+    PublishTimeoutError,
+    UnroutableError,
+)
+from shared.schema import Envelope
+from shared.settings import mask_url
+from shared.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def translated_errors(what: str) -> Iterator[None]:
+    """Turn aio-pika/aiormq errors into ours, so nothing above the seam sees library types."""
+    try:
+        yield
+    except PublishError as error:
+        raise UnroutableError(f"{what}: unroutable, no queue bound for this routing key") from error
+    except DeliveryError as error:
+        raise PublishNackedError(f"{what}: the broker refused it (queue full?)") from error
+    except TimeoutError as error:
+        raise PublishTimeoutError(
+            f"{what}: no answer from the broker in time (blocked by an alarm?)"
+        ) from error
+    except (AMQPConnectionError, ConnectionError, ChannelInvalidStateError) as error:
+        raise BrokerUnavailableError(f"{what}: connection lost ({error!r})") from error
+    except (ChannelClosed, AMQPError) as error:
+        raise BrokerError(f"{what}: {error!r}") from error
+
+
+def to_message(envelope: Envelope) -> aio_pika.Message:
+    expiration = None if envelope.expiration_ms is None else timedelta(milliseconds=envelope.expiration_ms)
+    return aio_pika.Message(
+        body=envelope.body,
+        headers=dict(envelope.headers),
+        message_id=envelope.message_id,
+        timestamp=envelope.timestamp,
+        app_id=envelope.app_id,
+        content_type=envelope.content_type,
+        delivery_mode=envelope.delivery_mode,
+        expiration=expiration,
+    )
+
+
+def to_envelope(message: AbstractIncomingMessage) -> Envelope:
+    # aio-pika decodes the expiration property into seconds.
+    expiration = message.expiration
+    return Envelope(
+        body=message.body,
+        routing_key=message.routing_key or "",
+        exchange=message.exchange or "",
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        content_type=message.content_type,
+        expiration_ms=None if not isinstance(expiration, int | float) else round(expiration * 1000),
+        delivery_mode=int(message.delivery_mode or 1),
+        headers=dict(message.headers or {}),
+        redelivered=bool(message.redelivered),
+    )
+
+
+@dataclass
+class Delivery:
+    """A received message: its envelope plus the means to settle it on the channel it came from."""
+
+    envelope: Envelope
+    queue: str
+    delivery_tag: int
+    _message: AbstractIncomingMessage
+
+    async def ack(self, multiple: bool = False) -> bool:
+        """Ack; False when the channel died first (the broker has requeued it already)."""
+        return await self._settle(self._message.ack(multiple=multiple))
+
+    async def requeue(self) -> bool:
+        return await self._settle(self._message.nack(requeue=True))
+
+    async def _settle(self, action: Awaitable[None]) -> bool:
+        try:
+            await action
+        except (ChannelInvalidStateError, AMQPError, ConnectionError) as error:
+            logger.warning("Stale delivery tag %d on %s: %r", self.delivery_tag, self.queue, error)
+            return False
+        return True
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class Broker:
+    """One robust connection. Publishing goes through a confirm channel with mandatory always on."""
+
+    def __init__(self, connection: AbstractRobustConnection, publish_channel: AbstractChannel) -> None:
+        self._connection = connection
+        self._publish_channel = publish_channel
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consumer_channels: list[AbstractChannel] = []
+
+    @classmethod
+    async def connect(cls, url: str, name: str, robust: bool = True, timeout: float = 10.0) -> Broker:
+        """Connect, or raise :class:`BrokerUnavailableError` naming the masked URL."""
+        with translated_errors(f"connect to {mask_url(url)}"):
+            connect = aio_pika.connect_robust if robust else aio_pika.connect
+            connection = await connect(url, client_properties={"connection_name": name}, timeout=timeout)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(connection, channel)  # type: ignore[arg-type]
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._connection.is_closed)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._connection.close()
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare every exchange, queue and binding (idempotent; arguments must match)."""
+        with translated_errors("declare topology"):
+            channel = await self._connection.channel()
+            try:
+                for spec in topology.exchanges:
+                    await channel.declare_exchange(spec.name, spec.type, durable=True)
+                for queue in topology.queues:
+                    await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
+                for b in topology.bindings:
+                    queue_ = await channel.get_queue(b.queue, ensure=False)
+                    await queue_.bind(b.exchange, routing_key=b.routing_key)
+            finally:
+                await channel.close()
+
+    async def publish(self, envelope: Envelope, exchange: str, timeout: float | None = 10.0) -> None:
+        """Publish and wait for the broker's confirm; returns and nacks raise our errors."""
+        with translated_errors(f"publish {envelope.message_id} to {exchange or '(default)'}"):
+            target = await self._exchange(exchange)
+            await target.publish(to_message(envelope), envelope.routing_key, mandatory=True, timeout=timeout)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        if name not in self._exchanges:
+            if name == "":
+                self._exchanges[name] = self._publish_channel.default_exchange
+            else:
+                self._exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
+        return self._exchanges[name]
+
+    async def consume(
+        self, queue: str, handler: DeliveryHandler, prefetch: int
+    ) -> Callable[[], Awaitable[None]]:
+        """Consume ``queue`` on its own channel with its own prefetch; returns a coroutine that cancels it.
+
+        One channel per consumer keeps ``ack(multiple=True)`` from reaching another queue's deliveries.
+        """
+        with translated_errors(f"consume {queue}"):
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            source = await channel.get_queue(queue, ensure=False)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                await handler(Delivery(to_envelope(message), queue, message.delivery_tag or 0, message))
+
+            tag = await source.consume(on_message)
+        self._consumer_channels.append(channel)
+
+        async def cancel() -> None:
+            with contextlib.suppress(AMQPError, ConnectionError, ChannelInvalidStateError):
+                await source.cancel(tag)
+
+        return cancel
+
+    async def queue_depth(self, queue: str) -> int:
+        """Ready messages in ``queue`` (passive declare)."""
+        with translated_errors(f"inspect {queue}"):
+            channel = await self._connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+                return int(declared.declaration_result.message_count or 0)
+            finally:
+                await channel.close()
+
+    @contextlib.asynccontextmanager
+    async def reading(self, queue: str) -> AsyncIterator[QueueReader]:
+        """A channel for ``basic.get`` one message at a time: DLQ tools and tests."""
+        with translated_errors(f"read {queue}"):
+            channel = await self._connection.channel()
+            source = await channel.get_queue(queue, ensure=False)
+        try:
+            yield QueueReader(queue, source)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+
+class QueueReader:
+    def __init__(self, name: str, queue: Any) -> None:
+        self._name = name
+        self._queue = queue
+
+    async def get(self, timeout: float = 5.0) -> Delivery | None:
+        with translated_errors(f"get from {self._name}"):
+            message = await self._queue.get(fail=False, no_ack=False, timeout=timeout)
+        if message is None:
+            return None
+        return Delivery(to_envelope(message), self._name, message.delivery_tag or 0, message)
+
+
+__all__ = ["Broker", "Delivery", "DeliveryHandler", "QueueReader", "translated_errors"]

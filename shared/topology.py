@@ -1,0 +1,241 @@
+"""Every exchange, queue, binding, policy and user of detfleet: the one place their names and arguments live.
+
+``detfleet topology apply`` declares this over AMQP and sets the policies over the management API;
+``rabbitmq/definitions.json`` is :func:`definitions` of the defaults, and a test holds the two equal.
+
+Limits operators tune (TTL, max-length, overflow, dead-letter exchange) are policies, never x-arguments:
+x-arguments would override policies for overflow and DLX, and the lower TTL/length would silently win.
+Only one policy applies to a queue, so each queue gets one policy carrying all of its keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from shared.settings import TopologySettings
+
+EXCHANGE_FRAMES = "detfleet.frames"
+QUEUE_REALTIME = "detfleet.realtime"
+QUEUE_BULK = "detfleet.bulk"
+QUEUE_INTAKE = "detfleet.intake"
+QUEUE_RETRY_READY = "detfleet.retry.ready"
+QUEUE_DLQ = "detfleet.dlq"
+# The exchanges that feed the intake, the retry return path and the DLQ are fanouts named after their
+# queue: a fanout keeps the original routing key, which dead-lettering then preserves too.
+EXCHANGE_INTAKE = QUEUE_INTAKE
+EXCHANGE_RETRY_READY = QUEUE_RETRY_READY
+EXCHANGE_DLQ = QUEUE_DLQ
+POLICY_PRIORITY = 10
+POLICY_PREFIX = "detfleet-"
+
+
+def retry_level_name(delay_ms: int) -> str:
+    """``detfleet.retry.1s`` for 1000 ms, ``detfleet.retry.250ms`` for 250 ms."""
+    unit = f"{delay_ms // 1000}s" if delay_ms % 1000 == 0 else f"{delay_ms}ms"
+    return f"detfleet.retry.{unit}"
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The vhost an AMQP URL names: its path without the leading slash, ``/`` when empty."""
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: str
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    exchange: str
+    queue: str
+    routing_key: str = ""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    queue: str
+    definition: dict[str, Any]
+
+    @property
+    def pattern(self) -> str:
+        return "^" + self.queue.replace(".", r"\.") + "$"
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """A broker user: tags and permissions only; passwords come from ``detfleet broker bootstrap``."""
+
+    name: str
+    tags: str
+    configure: str
+    write: str
+    read: str
+
+
+USERS = (
+    UserSpec("detfleet-producer", "", configure="^$", write=r"^detfleet\.frames$", read="^$"),
+    UserSpec(
+        "detfleet-consumer",
+        "",
+        configure="^$",
+        write=r"^detfleet\.(frames|dlq|retry\..+)$",
+        read=r"^detfleet\.(realtime|bulk|intake|retry\.ready)$",
+    ),
+    UserSpec(
+        "detfleet-ops",
+        "policymaker",
+        configure=r"^detfleet\..*",
+        write=r"^detfleet\..*",
+        read=r"^detfleet\..*",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The whole broker-side layout for one set of tunables."""
+
+    exchanges: tuple[ExchangeSpec, ...]
+    queues: tuple[QueueSpec, ...]
+    bindings: tuple[BindingSpec, ...]
+    policies: tuple[PolicySpec, ...]
+    retry_levels: tuple[str, ...]
+
+    @classmethod
+    def from_settings(cls, settings: TopologySettings | None = None) -> Topology:
+        s = settings or TopologySettings()
+        levels = tuple(retry_level_name(d) for d in s.retry_delays_ms)
+        arguments = _queue_arguments(s)
+        queue_names = (QUEUE_REALTIME, QUEUE_BULK, QUEUE_INTAKE, *levels, QUEUE_RETRY_READY, QUEUE_DLQ)
+        return cls(
+            exchanges=(
+                ExchangeSpec(EXCHANGE_FRAMES, "topic"),
+                ExchangeSpec(EXCHANGE_INTAKE, "fanout"),
+                *(ExchangeSpec(level, "fanout") for level in levels),
+                ExchangeSpec(EXCHANGE_RETRY_READY, "fanout"),
+                ExchangeSpec(EXCHANGE_DLQ, "fanout"),
+            ),
+            queues=tuple(QueueSpec(name, dict(arguments)) for name in queue_names),
+            bindings=(
+                BindingSpec(EXCHANGE_FRAMES, QUEUE_REALTIME, "realtime.#"),
+                BindingSpec(EXCHANGE_FRAMES, QUEUE_BULK, "bulk.#"),
+                BindingSpec(EXCHANGE_INTAKE, QUEUE_INTAKE),
+                *(BindingSpec(level, level) for level in levels),
+                BindingSpec(EXCHANGE_RETRY_READY, QUEUE_RETRY_READY),
+                BindingSpec(EXCHANGE_DLQ, QUEUE_DLQ),
+            ),
+            policies=_policies(s, levels),
+            retry_levels=levels,
+        )
+
+    def retry_level_for(self, attempt: int) -> str:
+        """The delay queue for a task about to make ``attempt`` (2 = first retry); the last level repeats."""
+        index = min(max(attempt - 2, 0), len(self.retry_levels) - 1)
+        return self.retry_levels[index]
+
+
+def _queue_arguments(s: TopologySettings) -> dict[str, Any]:
+    # x-queue-type cannot be set by a policy; changing it means drain, delete, recreate (docs/operations.md).
+    if s.queue_type == "quorum":
+        # High on purpose: in 3.10 every requeue, kill -9 and drain counts toward it (a crash-loop backstop).
+        return {"x-queue-type": "quorum", "x-delivery-limit": s.quorum_delivery_limit}
+    return {"x-queue-type": "classic"}
+
+
+def _policies(s: TopologySettings, levels: tuple[str, ...]) -> tuple[PolicySpec, ...]:
+    lanes = (
+        PolicySpec(
+            POLICY_PREFIX + "realtime",
+            QUEUE_REALTIME,
+            {
+                "message-ttl": s.realtime_ttl_ms,
+                "max-length": s.realtime_max_length,
+                # The newest frames win: a full realtime lane pushes its oldest into the intake.
+                "overflow": "drop-head",
+                "dead-letter-exchange": EXCHANGE_INTAKE,
+            },
+        ),
+        PolicySpec(
+            POLICY_PREFIX + "bulk",
+            QUEUE_BULK,
+            {
+                "message-ttl": s.bulk_ttl_ms,
+                "max-length": s.bulk_max_length,
+                # Publishers get a nack and back off: nothing is dropped silently.
+                "overflow": "reject-publish",
+                "dead-letter-exchange": EXCHANGE_INTAKE,
+            },
+        ),
+    )
+    retries = tuple(
+        PolicySpec(
+            POLICY_PREFIX + level.removeprefix("detfleet."),
+            level,
+            {"message-ttl": delay, "dead-letter-exchange": EXCHANGE_RETRY_READY},
+        )
+        for level, delay in zip(levels, s.retry_delays_ms, strict=True)
+    )
+    return lanes + retries
+
+
+def definitions(topology: Topology, vhost: str = "/", with_users: bool = True) -> dict[str, Any]:
+    """The RabbitMQ definitions document of ``topology`` (the format of ``rabbitmq/definitions.json``)."""
+    doc: dict[str, Any] = {}
+    if with_users:
+        doc["users"] = [{"name": u.name, "password_hash": "", "tags": u.tags} for u in USERS]
+        doc["vhosts"] = [{"name": vhost}]
+        doc["permissions"] = [
+            {"user": u.name, "vhost": vhost, "configure": u.configure, "write": u.write, "read": u.read}
+            for u in USERS
+        ]
+    doc["exchanges"] = [
+        {
+            "name": e.name,
+            "vhost": vhost,
+            "type": e.type,
+            "durable": True,
+            "auto_delete": False,
+            "internal": False,
+            "arguments": {},
+        }
+        for e in topology.exchanges
+    ]
+    doc["queues"] = [
+        {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": q.arguments}
+        for q in topology.queues
+    ]
+    doc["bindings"] = [
+        {
+            "source": b.exchange,
+            "vhost": vhost,
+            "destination": b.queue,
+            "destination_type": "queue",
+            "routing_key": b.routing_key,
+            "arguments": {},
+        }
+        for b in topology.bindings
+    ]
+    doc["policies"] = [
+        {
+            "name": p.name,
+            "vhost": vhost,
+            "pattern": p.pattern,
+            "apply-to": "queues",
+            "priority": POLICY_PRIORITY,
+            "definition": p.definition,
+        }
+        for p in topology.policies
+    ]
+    return doc
