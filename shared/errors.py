@@ -43,6 +43,10 @@ class PublishTimeoutError(BrokerError):
     """No confirm arrived in time, e.g. while the broker has blocked the connection (memory or disk alarm)."""
 
 
+class FrameDroppedError(BrokerError):
+    """A realtime frame was given up on purpose: pushed out of its full buffer, or past its deadline."""
+
+
 class ManagementError(BrokerError):
     """The RabbitMQ management API answered with an error."""
 

@@ -1,0 +1,94 @@
+"""The producer's side of the aio-pika seam: one plain connection with one confirm channel.
+
+The connection is deliberately not robust: the producer reconnects by itself, so it knows exactly which
+publishes were in flight when a connection died and resends those (a robust connection restores its
+channel in the background but never replays a failed publish).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from shared.broker.aio import to_message, translated_errors
+from shared.errors import BrokerError, BrokerUnavailableError
+from shared.schema import Envelope
+from shared.settings import mask_url
+
+logger = logging.getLogger(__name__)
+
+
+class ConfirmChannel:
+    """Publishes to one exchange with publisher confirms and ``mandatory`` on every message."""
+
+    def __init__(self, connection: AbstractConnection, channel: AbstractChannel, exchange: AbstractExchange):
+        self._connection = connection
+        self._channel = channel
+        self._exchange = exchange
+
+    @classmethod
+    async def open(cls, url: str, name: str, exchange: str, timeout: float = 10.0) -> ConfirmChannel:
+        """Connect and check that ``exchange`` exists, or raise one of our :class:`BrokerError` types."""
+        with translated_errors(f"connect to {mask_url(url)}"):
+            connection = await aio_pika.connect(
+                url, client_properties={"connection_name": name}, timeout=timeout
+            )
+        try:
+            channel, target = await _confirm_channel(connection, exchange)
+        except BaseException:
+            await _close_quietly(connection)
+            raise
+        return cls(connection, channel, target)
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises :class:`~shared.errors.UnroutableError` on a return, :class:`~shared.errors.PublishNackedError`
+        on a nack and :class:`~shared.errors.BrokerUnavailableError` (or another :class:`BrokerError`) when
+        the connection or channel dies first: then the broker may or may not have the message.
+        """
+        with translated_errors(f"publish {envelope.message_id}"):
+            await self._exchange.publish(to_message(envelope), envelope.routing_key, mandatory=True)
+
+    def on_close(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback`` with a reason once the connection closes, whoever closed it."""
+
+        def closed(_: object, error: BaseException | None = None) -> None:
+            callback(repr(error) if error is not None else "closed")
+
+        self._connection.close_callbacks.add(closed)
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._connection.is_closed)
+
+    async def close(self) -> None:
+        await _close_quietly(self._connection)
+
+
+async def _confirm_channel(
+    connection: AbstractConnection, exchange: str
+) -> tuple[AbstractChannel, AbstractExchange]:
+    with translated_errors("open a confirm channel"):
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        with translated_errors(f"find exchange {exchange}"):
+            return channel, await channel.get_exchange(exchange, ensure=True)
+    except BrokerUnavailableError:
+        raise
+    except BrokerError as error:
+        # A passive declare of a missing exchange closes the channel with 404: a set-up problem, not a blip.
+        raise BrokerError(f"exchange {exchange!r} not found: apply the topology first ({error})") from error
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    # Closing a connection that already died raises from deep inside aiormq; there is nothing to do about it.
+    with contextlib.suppress(Exception):
+        await connection.close()
+
+
+__all__ = ["ConfirmChannel"]
