@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -118,6 +119,15 @@ class Delivery:
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class ConnectionLoss:
+    """Why a connection closed. ``undecodable_frame``: the client could not parse a message's properties
+    (aiormq issue 186); reconnecting straight away would get the same message and die again."""
+
+    reason: str
+    undecodable_frame: bool
+
+
 class Broker:
     """One robust connection. Publishing goes through a confirm channel with mandatory always on."""
 
@@ -135,6 +145,15 @@ class Broker:
             connection = await connect(url, client_properties={"connection_name": name}, timeout=timeout)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return cls(connection, channel)  # type: ignore[arg-type]
+
+    def on_close(self, callback: Callable[[ConnectionLoss], None]) -> None:
+        """Call ``callback`` once when the connection closes, for whatever reason."""
+
+        def closed(_: object, error: BaseException | None = None) -> None:
+            undecodable = isinstance(error, aiormq.exceptions.ProtocolSyntaxError)
+            callback(ConnectionLoss(repr(error) if error else "closed", undecodable))
+
+        self._connection.close_callbacks.add(closed)
 
     @property
     def is_closed(self) -> bool:
@@ -233,4 +252,4 @@ class QueueReader:
         return Delivery(to_envelope(message), self._name, message.delivery_tag or 0, message)
 
 
-__all__ = ["Broker", "Delivery", "DeliveryHandler", "QueueReader", "translated_errors"]
+__all__ = ["Broker", "ConnectionLoss", "Delivery", "DeliveryHandler", "QueueReader", "translated_errors"]
