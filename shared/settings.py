@@ -150,7 +150,9 @@ class ConsumerSettings(TopologySettings):
     )
     realtime_prefetch: int | None = Field(None, gt=0, description="Realtime prefetch; default max_batch")
     model_path: Path | None = Field(None, description="ONNX model; default the shipped detector")
-    labels_path: Path | None = Field(None, description="Class names, one a line, if not in the model")
+    labels_path: Path | None = Field(
+        None, description="Class names, one a line; wins over the model's metadata"
+    )
     confidence: float = Field(0.25, ge=0, le=1, description="Minimum detection score")
     iou: float = Field(0.45, ge=0, le=1, description="NMS IoU threshold")
     max_detections: int = Field(300, gt=0, description="Most detections kept per image")
