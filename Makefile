@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := detfleet shared producer consumer
 
-.PHONY: help install services setup test unit integration lint format demo bench soak train up down clean
+.PHONY: help install services tools setup test unit integration lint format demo bench soak train up down clean
 
 help:
 	@echo "make demo   run the main job end to end"
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 services:
 	scripts/services.sh
+
+# promtool checks the Prometheus rules in deploy/ (Debian's prometheus package ships it).
+tools:
+	scripts/tools.sh
 
 # Topology on the default vhost and the database with its migrations: what demo and the fleet need.
 setup: install services
@@ -45,7 +49,7 @@ unit: install
 integration: setup
 	$(BIN)/pytest tests/integration -q
 
-test: lint setup
+test: lint setup tools
 	$(BIN)/pytest tests -q -p no:cacheprovider
 
 demo: setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,14 @@ def test_prometheus_rules_parse_and_name_detfleet_metrics() -> None:
     [rules] = documents(DEPLOY / "prometheus" / "rules.yml")
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
     assert any("detfleet_outcomes_total" in e for e in exprs)
+
+
+def test_prometheus_rules_pass_promtool() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
