@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "topology": ("detfleet.ops:topology_main", "apply the broker topology, or print its definitions"),
     "broker": ("detfleet.ops:broker_main", "bootstrap broker users and passwords"),
     "db": ("detfleet.ops:db_main", "create the database and apply migrations"),
-    "dlq": ("detfleet.ops:dlq_main", "inspect, replay and purge the dead-letter queue"),
+    "dlq": ("detfleet.dlq:main", "inspect, replay and purge the dead-letter queue"),
 }
 
 

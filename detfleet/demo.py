@@ -30,7 +30,7 @@ from consumer.sink import Sink
 from producer.publisher import AsyncPublisher
 from shared import admin, db
 from shared.management import Management
-from shared.settings import AdminSettings, ProducerSettings, load_settings
+from shared.settings import AdminSettings, Lane, ProducerSettings, load_settings
 from shared.topology import vhost_of
 
 DEMO_VHOST = "detfleet-demo"
@@ -116,7 +116,7 @@ async def publish_frames(settings: AdminSettings) -> dict[str, tuple[int, int, i
     pending = []
     async with AsyncPublisher(producer) as publisher:
         for index in range(FRAMES_PER_CAMERA * 2):
-            lane = "realtime" if index % 2 else "bulk"
+            lane: Lane = "realtime" if index % 2 else "bulk"
             body, box = belt_frame(index)
             (OUT / "frames" / f"{index:04d}.jpg").write_bytes(body)
             confirmed = await publisher.submit(body, camera=f"cam-{lane}", site="line-1", lane=lane)
@@ -177,8 +177,9 @@ def annotate(rows: list[dict[str, Any]], frames: dict[str, int]) -> Path:
     for row in rows:
         index = frames[str(row["task_id"])]
         image = cv2.imread(str(OUT / "frames" / f"{index:04d}.jpg"))
+        assert image is not None, "the demo wrote this frame itself"
         for found in _detections(row):
-            x1, y1, x2, y2 = (int(round(v)) for v in found["box"])
+            x1, y1, x2, y2 = (round(v) for v in found["box"])
             cv2.rectangle(image, (x1, y1), (x2, y2), (0, 200, 0), 2)
             text = f"{found['label']} {found['score']:.2f}"
             cv2.putText(image, text, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 200, 0), 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Sequence
 
 from shared import admin, db
@@ -68,8 +67,3 @@ def db_main(argv: Sequence[str]) -> int:
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none pending"
     print(f"database {db.database_name(settings.database_url)} migrated: {names}")
     return 0
-
-
-def dlq_main(argv: Sequence[str]) -> int:
-    print("detfleet dlq: not available yet", file=sys.stderr)
-    return 2

@@ -226,6 +226,17 @@ class Broker:
             finally:
                 await channel.close()
 
+    async def purge(self, queue: str) -> int:
+        """Delete every ready message of ``queue``; returns how many."""
+        with translated_errors(f"purge {queue}"):
+            channel = await self._connection.channel()
+            try:
+                source = await channel.get_queue(queue, ensure=False)
+                result = await source.purge()
+                return int(result.message_count or 0)
+            finally:
+                await channel.close()
+
     @contextlib.asynccontextmanager
     async def reading(self, queue: str) -> AsyncIterator[QueueReader]:
         """A channel for ``basic.get`` one message at a time: DLQ tools and tests."""
