@@ -25,7 +25,7 @@ from tests.integration.consumer_support import (
     run_until_idle,
     white_jpeg,
 )
-from tests.integration.test_lanes import override_policy
+from tests.support.broker import override_policy
 
 
 @pytest.fixture

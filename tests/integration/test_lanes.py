@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
@@ -21,10 +20,9 @@ from shared.topology import (
     QUEUE_INTAKE,
     QUEUE_REALTIME,
     QUEUE_RETRY_READY,
-    PolicySpec,
     Topology,
-    vhost_of,
 )
+from tests.support.broker import override_policy
 
 
 def frame(lane: str = "bulk", camera: str = "cam-1") -> Envelope:
@@ -37,14 +35,6 @@ def frame(lane: str = "bulk", camera: str = "cam-1") -> Envelope:
         trace_id="t-" + uuid.uuid4().hex[:8],
     )
     return task.to_envelope(b"\xff\xd8\xff frame")
-
-
-async def override_policy(api: Management, settings: AdminSettings, queue: str, **changes: Any) -> None:
-    """Replace one queue's policy, repeating every key of the real one (only one policy applies)."""
-    policy = next(p for p in Topology.from_settings(settings).policies if p.queue == queue)
-    await api.set_policy(
-        vhost_of(settings.amqp_url), PolicySpec(policy.name, queue, {**policy.definition, **changes})
-    )
 
 
 async def collect(broker: Broker, queue: str, count: int, timeout: float = 20.0) -> list[Delivery]:

@@ -4,47 +4,22 @@ times and then raises; nothing is dropped silently."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from producer.metrics import ProducerMetrics
 from producer.publisher import AsyncPublisher
-from shared.broker.aio import Broker, Delivery
+from shared.broker.aio import Broker
 from shared.errors import PublishNackedError
 from shared.management import Management
 from shared.settings import AdminSettings, ProducerSettings
-from shared.topology import QUEUE_BULK, PolicySpec, Topology, vhost_of
+from shared.topology import QUEUE_BULK
+from tests.support.broker import override_policy, read_all, wait_until
 from tests.support.frames import jpeg_bytes
 
 pytestmark = pytest.mark.integration
-
-
-async def cap_bulk_lane(api: Management, settings: AdminSettings, max_length: int) -> None:
-    """Replace the bulk policy with a tiny max-length, repeating every other key (one policy per queue)."""
-    policy = next(p for p in Topology.from_settings(settings).policies if p.queue == QUEUE_BULK)
-    definition = {**policy.definition, "max-length": max_length}
-    await api.set_policy(vhost_of(settings.amqp_url), PolicySpec(policy.name, QUEUE_BULK, definition))
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """A bounded wait for a condition the code under test exposes no event for."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-async def read_all(broker: Broker, queue: str) -> list[Delivery]:
-    got: list[Delivery] = []
-    async with broker.reading(queue) as reader:
-        while (delivery := await reader.get(timeout=2)) is not None:
-            got.append(delivery)
-            await delivery.ack()
-    return got
 
 
 def producer_settings(topology: AdminSettings, **changes: Any) -> ProducerSettings:
@@ -54,7 +29,7 @@ def producer_settings(topology: AdminSettings, **changes: Any) -> ProducerSettin
 async def test_a_full_bulk_lane_raises_after_bounded_retries_and_every_frame_has_an_outcome(
     topology_settings: AdminSettings, management: Management, broker: Broker
 ) -> None:
-    await cap_bulk_lane(management, topology_settings, max_length=2)
+    await override_policy(management, topology_settings, QUEUE_BULK, **{"max-length": 2})
     metrics = ProducerMetrics()
 
     async with AsyncPublisher(
@@ -79,7 +54,7 @@ async def test_a_full_bulk_lane_raises_after_bounded_retries_and_every_frame_has
 async def test_publish_raises_a_clear_error_when_the_lane_stays_full(
     topology_settings: AdminSettings, management: Management
 ) -> None:
-    await cap_bulk_lane(management, topology_settings, max_length=1)
+    await override_policy(management, topology_settings, QUEUE_BULK, **{"max-length": 1})
 
     async with AsyncPublisher(producer_settings(topology_settings, nack_retries=3)) as publisher:
         await publisher.publish(jpeg_bytes(), camera="cam-1", site="site-a")
@@ -90,7 +65,7 @@ async def test_publish_raises_a_clear_error_when_the_lane_stays_full(
 async def test_a_nacked_frame_gets_in_once_the_lane_has_room_again(
     topology_settings: AdminSettings, management: Management, broker: Broker
 ) -> None:
-    await cap_bulk_lane(management, topology_settings, max_length=1)
+    await override_policy(management, topology_settings, QUEUE_BULK, **{"max-length": 1})
     metrics = ProducerMetrics()
     settings = producer_settings(topology_settings, nack_retries=50)
 

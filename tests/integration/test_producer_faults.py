@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from producer.metrics import ProducerMetrics
 from producer.publisher import AsyncPublisher, FrameDroppedError
-from shared.broker.aio import Broker, Delivery
+from shared.broker.aio import Broker
 from shared.errors import PublishTimeoutError
 from shared.settings import AdminSettings, ProducerSettings
 from shared.topology import QUEUE_BULK, QUEUE_REALTIME
+from tests.support.broker import read_all, wait_until
 from tests.support.frames import jpeg_bytes
 from tests.support.proxy import TcpProxy
 
@@ -28,23 +28,6 @@ FRAME = jpeg_bytes(seed=3)
 async def proxy() -> AsyncIterator[TcpProxy]:
     async with TcpProxy(port=5672) as running:
         yield running
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """A bounded wait for a condition the code under test exposes no event for."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-async def read_all(broker: Broker, queue: str) -> list[Delivery]:
-    got: list[Delivery] = []
-    async with broker.reading(queue) as reader:
-        while (delivery := await reader.get(timeout=2)) is not None:
-            got.append(delivery)
-            await delivery.ack()
-    return got
 
 
 def through(proxy: TcpProxy, topology: AdminSettings, **changes: Any) -> ProducerSettings:

@@ -17,12 +17,13 @@ import pytest
 from producer.blocking import BlockingPublisher
 from producer.metrics import ProducerMetrics
 from producer.publisher import AsyncPublisher
-from shared.broker.aio import Broker, Delivery
+from shared.broker.aio import Broker
 from shared.errors import FrameRejectedError, TaskValidationError, UnroutableError
 from shared.management import Management
 from shared.schema import Task, format_time
 from shared.settings import AdminSettings, ProducerSettings
 from shared.topology import QUEUE_BULK, QUEUE_REALTIME, vhost_of
+from tests.support.broker import read_all
 from tests.support.frames import jpeg_bytes, png_bytes, png_header_only, write_video
 
 pytestmark = pytest.mark.integration
@@ -30,16 +31,6 @@ pytestmark = pytest.mark.integration
 
 def producer_settings(topology: AdminSettings, **changes: Any) -> ProducerSettings:
     return ProducerSettings(amqp_url=topology.amqp_url, producer_name="gateway-7", **changes)
-
-
-async def read_all(broker: Broker, queue: str) -> list[Delivery]:
-    """Every message now in ``queue``, acked."""
-    got: list[Delivery] = []
-    async with broker.reading(queue) as reader:
-        while (delivery := await reader.get(timeout=2)) is not None:
-            got.append(delivery)
-            await delivery.ack()
-    return got
 
 
 async def test_a_bulk_frame_lands_in_the_bulk_lane_with_every_property_and_header_of_the_contract(
