@@ -22,14 +22,14 @@ import cv2
 import numpy as np
 
 from consumer.acker import Acker
-from consumer.detector.base import Detector, InferenceError
+from consumer.detector.base import Detection, Detector, InferenceError
 from consumer.detector.preprocess import to_bgr8
 from consumer.health import HealthState, start_health_server
 from consumer.jobs import Job, admit, build_row, check_deadline
 from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import Action, BadInput, Ok, Outcome, SinkUnavailable, Transient, decide
 from consumer.sink import ResultRow, Sink, SinkUnavailableError
-from shared.broker.aio import Broker, ConnectionLoss, Delivery
+from shared.broker.aio import Broker, ConnectionLoss, Delivery, DeliveryHandler
 from shared.broker.quarantine import quarantine_undecodable
 from shared.errors import BrokerError
 from shared.logs import task_context
@@ -48,6 +48,7 @@ from shared.topology import (
 logger = logging.getLogger(__name__)
 
 RECONNECT_DELAY_S = 1.0
+CLOSE_REASON_WAIT_S = 5.0
 SINK_POLL_S = 1.0
 HOUSEKEEPING_S = 0.5
 
@@ -70,7 +71,10 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.batches_in_flight)
         self._batches: set[asyncio.Task[None]] = set()
         self._batcher: asyncio.Task[None] | None = None
-        self._ackers: dict[str, Acker] = {}
+        # One Acker per consumer channel of the current connection: delivery tags count per channel, and a
+        # resume after a sink outage opens new channels while batches from the old ones may still settle.
+        # Old ones stay until the connection goes, so a late delivery on a cancelled consumer is requeued.
+        self._ackers: list[Acker] = []
         self._cancels: list[object] = []
         self._broker: Broker | None = None
         self._sink: Sink | None = None
@@ -83,7 +87,7 @@ class Worker:
     # ---- public ---------------------------------------------------------------------------------------
 
     def held(self) -> int:
-        return sum(len(a) for a in self._ackers.values())
+        return sum(len(a) for a in self._ackers)
 
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self._stop.is_set():
@@ -153,7 +157,10 @@ class Worker:
         self._broker = broker
         try:
             if not self._paused:
-                await self._start_consuming()
+                try:
+                    await self._start_consuming()
+                except BrokerError as error:
+                    return await self._loss_while_starting(lost, error)
             self.health.channel_open = True
             stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -169,6 +176,17 @@ class Worker:
             self.health.channel_open = False
             self._forget_connection()
             await broker.close()
+
+    async def _loss_while_starting(self, lost: asyncio.Future[Any], error: BrokerError) -> ConnectionLoss:
+        """Consuming failed part-way: usually the connection is dying (a lane delivered a message the client
+        cannot decode while the next lane's channel was opening). Its close reason decides what comes next."""
+        logger.warning("Could not start consuming: %s", error)
+        with contextlib.suppress(TimeoutError):
+            loss = await asyncio.wait_for(asyncio.shield(lost), CLOSE_REASON_WAIT_S)
+            assert isinstance(loss, ConnectionLoss)
+            return loss
+        await self._sleep(RECONNECT_DELAY_S)  # the connection still stands: start over on a fresh one
+        return ConnectionLoss(str(error), undecodable_frame=False)
 
     def _forget_connection(self) -> None:
         """Deliveries of a dead channel are the broker's again: drop them without settling."""
@@ -188,8 +206,9 @@ class Worker:
             (QUEUE_INTAKE, s.max_batch),
         )
         for queue, prefetch in lanes:
-            self._ackers.setdefault(queue, Acker())
-            self._cancels.append(await self._broker.consume(queue, self._on_delivery, prefetch))
+            acker = Acker()
+            self._ackers.append(acker)
+            self._cancels.append(await self._broker.consume(queue, self._receiver(acker), prefetch))
         self.metrics.ready.set(1)
 
     async def _stop_consuming(self) -> None:
@@ -217,9 +236,14 @@ class Worker:
 
     # ---- receiving and batching ----------------------------------------------------------------------
 
-    async def _on_delivery(self, delivery: Delivery) -> None:
-        acker = self._ackers.get(delivery.queue)
-        if acker is None:  # a late delivery on a channel we already forgot
+    def _receiver(self, acker: Acker) -> DeliveryHandler:
+        async def receive(delivery: Delivery) -> None:
+            await self._on_delivery(delivery, acker)
+
+        return receive
+
+    async def _on_delivery(self, delivery: Delivery, acker: Acker) -> None:
+        if acker not in self._ackers:  # a late delivery on a connection we already forgot
             return
         acker.track(delivery)
         self.metrics.received.labels(delivery.queue).inc()
@@ -309,31 +333,35 @@ class Worker:
         if not jobs:
             return
         self.metrics.batch_size.observe(len(jobs))
-        started = time.perf_counter()
-        await self._infer_isolating(jobs)
-        elapsed = time.perf_counter() - started
-        self.metrics.inference.observe(elapsed)
+        seconds = await self._infer_isolating(jobs)
+        self.metrics.inference.observe(seconds)
         for job in jobs:
-            job.inference_ms = elapsed * 1000
+            job.inference_ms = seconds * 1000
             job.image = None  # the pixels are not needed any more: free them before the sink
 
-    async def _infer_isolating(self, jobs: list[Job]) -> None:
-        """Infer a batch; when it fails with no culprit named, bisect it to find the poison message."""
+    async def _infer_isolating(self, jobs: list[Job]) -> float:
+        """Infer a batch; when it fails with no culprit named, bisect it to find the poison message.
+        Returns the seconds spent inferring (not waiting for the inference thread)."""
         images = [j.image for j in jobs if j.image is not None]
+        started = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._infer_pool, self.detector.detect, images
+            results, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._infer_pool, _timed, self.detector, images
             )
         except InferenceError as error:
+            spent = time.perf_counter() - started
             if len(jobs) == 1:
                 jobs[0].outcome = Transient(f"inference failed: {error}")
-                return
+                return spent
             middle = len(jobs) // 2
-            await self._infer_isolating(jobs[:middle])
-            await self._infer_isolating(jobs[middle:])
-            return
+            return (
+                spent
+                + await self._infer_isolating(jobs[:middle])
+                + await self._infer_isolating(jobs[middle:])
+            )
         for job, detections, image in zip(jobs, results, images, strict=True):
             job.outcome = Ok(tuple(detections), int(image.shape[1]), int(image.shape[0]))
+        return seconds
 
     # ---- settling -----------------------------------------------------------------------------------
 
@@ -427,7 +455,10 @@ class Worker:
         self.health.database_ok = True
         self._paused = False
         if self._broker is not None and not self._broker.is_closed and not self._stop.is_set():
-            await self._start_consuming()
+            try:
+                await self._start_consuming()
+            except BrokerError as error:  # the connection is going: its next generation consumes instead
+                logger.warning("Could not resume consuming: %s", error)
 
     async def _requeue_waiting(self) -> int:
         waiting = list(self._realtime) + list(self._others)
@@ -485,7 +516,7 @@ class Worker:
             _, late = await asyncio.wait(set(self._batches), timeout=self.settings.shutdown_grace_s)
             for task in late:
                 task.cancel()
-        for acker in self._ackers.values():
+        for acker in list(self._ackers):
             requeued += await acker.requeue_all()
         logger.info("Drained: %d messages handed back to the broker", requeued)
 
@@ -498,6 +529,13 @@ class Worker:
             await self._sink.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed(detector: Detector, images: list[np.ndarray]) -> tuple[list[list[Detection]], float]:
+    """Runs in the inference thread, so the time excludes waiting for the batch ahead."""
+    started = time.perf_counter()
+    results = detector.detect(images)
+    return results, time.perf_counter() - started
 
 
 def decode_image(body: bytes) -> np.ndarray | str:
