@@ -69,3 +69,10 @@ async def database_url() -> AsyncIterator[str]:
     await db.ensure_database(url)
     yield url
     await db.drop_database(url)
+
+
+@pytest.fixture
+async def results_db(database_url: str) -> str:
+    """A fresh database with every migration applied: the consumer's results table is there."""
+    await db.migrate(database_url)
+    return database_url

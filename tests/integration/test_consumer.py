@@ -6,10 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from consumer.detector.fake import FakeDetector
-from shared import admin, db
+from shared import admin
 from shared.broker.aio import Broker
 from shared.management import Management
 from shared.schema import H_REASON
@@ -26,12 +24,6 @@ from tests.integration.consumer_support import (
     white_jpeg,
 )
 from tests.support.broker import override_policy
-
-
-@pytest.fixture
-async def results_db(database_url: str) -> str:
-    await db.migrate(database_url)
-    return database_url
 
 
 async def test_every_frame_gets_one_ok_row_and_the_dlq_stays_empty(

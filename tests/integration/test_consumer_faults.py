@@ -21,12 +21,10 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pika
-import pytest
 
 from consumer.detector.base import Detection
 from consumer.detector.fake import FakeDetector
 from consumer.worker import Worker
-from shared import db
 from shared.broker.aio import Broker, Delivery
 from shared.schema import H_REASON, Task
 from shared.settings import AdminSettings
@@ -158,12 +156,6 @@ async def read_log(log: Path) -> str:
 def via(proxy: TcpProxy, url: str) -> str:
     """``url`` pointed at the proxy (the helper is named for AMQP but rewrites any URL's host and port)."""
     return proxy.amqp_url(url)
-
-
-@pytest.fixture
-async def results_db(database_url: str) -> str:
-    await db.migrate(database_url)
-    return database_url
 
 
 # ---- 1. kill -9 ------------------------------------------------------------------------------------------
