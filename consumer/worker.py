@@ -29,7 +29,7 @@ from consumer.jobs import Job, admit, build_row, check_deadline
 from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import Action, BadInput, Ok, Outcome, SinkUnavailable, Transient, decide
 from consumer.sink import ResultRow, Sink, SinkUnavailableError
-from shared.broker.aio import Broker, ConnectionLoss, Delivery, DeliveryHandler
+from shared.broker.aio import Broker, CancelConsumer, ConnectionLoss, Delivery, DeliveryHandler
 from shared.broker.quarantine import quarantine_undecodable
 from shared.errors import BrokerError
 from shared.logs import task_context
@@ -75,7 +75,7 @@ class Worker:
         # resume after a sink outage opens new channels while batches from the old ones may still settle.
         # Old ones stay until the connection goes, so a late delivery on a cancelled consumer is requeued.
         self._ackers: list[Acker] = []
-        self._cancels: list[object] = []
+        self._cancels: list[CancelConsumer] = []
         self._broker: Broker | None = None
         self._sink: Sink | None = None
         self._paused = False
@@ -214,7 +214,7 @@ class Worker:
     async def _stop_consuming(self) -> None:
         cancels, self._cancels = self._cancels, []
         for cancel in cancels:
-            await cancel()  # type: ignore[operator]
+            await cancel()
         self.metrics.ready.set(0)
 
     async def _quarantine(self) -> None:

@@ -69,7 +69,8 @@ def stand_in_model(path: Path) -> Path:
 async def reset_environment(base: AdminSettings) -> AdminSettings:
     amqp, database = demo_urls(base)
     async with Management(base.management_url) as api:
-        await api.delete_vhost(DEMO_VHOST) if DEMO_VHOST in await _vhosts(api) else None
+        if DEMO_VHOST in await _vhosts(api):
+            await api.delete_vhost(DEMO_VHOST)
         await api.create_vhost(DEMO_VHOST)
         user = base.amqp_url.split("://", 1)[1].split(":", 1)[0]
         await api.grant(DEMO_VHOST, user)

@@ -117,6 +117,7 @@ class Delivery:
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+CancelConsumer = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,6 @@ class Broker:
         self._connection = connection
         self._publish_channel = publish_channel
         self._exchanges: dict[str, AbstractExchange] = {}
-        self._consumer_channels: list[AbstractChannel] = []
 
     @classmethod
     async def connect(cls, url: str, name: str, robust: bool = True, timeout: float = 10.0) -> Broker:
@@ -192,9 +192,7 @@ class Broker:
                 self._exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
         return self._exchanges[name]
 
-    async def consume(
-        self, queue: str, handler: DeliveryHandler, prefetch: int
-    ) -> Callable[[], Awaitable[None]]:
+    async def consume(self, queue: str, handler: DeliveryHandler, prefetch: int) -> CancelConsumer:
         """Consume ``queue`` on its own channel with its own prefetch; returns a coroutine that cancels it.
 
         One channel per consumer keeps ``ack(multiple=True)`` from reaching another queue's deliveries.
@@ -208,7 +206,6 @@ class Broker:
                 await handler(Delivery(to_envelope(message), queue, message.delivery_tag or 0, message))
 
             tag = await source.consume(on_message)
-        self._consumer_channels.append(channel)
 
         async def cancel() -> None:
             with contextlib.suppress(AMQPError, ConnectionError, ChannelInvalidStateError):
@@ -263,4 +260,12 @@ class QueueReader:
         return Delivery(to_envelope(message), self._name, message.delivery_tag or 0, message)
 
 
-__all__ = ["Broker", "ConnectionLoss", "Delivery", "DeliveryHandler", "QueueReader", "translated_errors"]
+__all__ = [
+    "Broker",
+    "CancelConsumer",
+    "ConnectionLoss",
+    "Delivery",
+    "DeliveryHandler",
+    "QueueReader",
+    "translated_errors",
+]
