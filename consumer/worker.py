@@ -18,12 +18,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import cv2
 import numpy as np
 
 from consumer.acker import Acker
+from consumer.decode import decode_image
 from consumer.detector.base import Detection, Detector, InferenceError
-from consumer.detector.preprocess import to_bgr8
 from consumer.health import HealthState, start_health_server
 from consumer.jobs import Job, admit, build_row, check_deadline
 from consumer.metrics import ConsumerMetrics
@@ -536,14 +535,3 @@ def _timed(detector: Detector, images: list[np.ndarray]) -> tuple[list[list[Dete
     started = time.perf_counter()
     results = detector.detect(images)
     return results, time.perf_counter() - started
-
-
-def decode_image(body: bytes) -> np.ndarray | str:
-    """The frame as an 8-bit BGR image, or the reason it cannot be one (runs in the decode pool)."""
-    image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        return "corrupt or truncated image: OpenCV could not decode it"
-    try:
-        return to_bgr8(image)
-    except ValueError as error:
-        return f"unsupported image layout: {error}"
