@@ -13,7 +13,6 @@ from typing import Any
 
 from consumer.detector import DetectorConfig, load_detector
 from consumer.worker import Worker
-from shared.errors import SettingsError
 from shared.logs import configure_logging
 from shared.settings import ConsumerSettings, load_settings
 
@@ -43,8 +42,6 @@ def settings_from(argv: Sequence[str]) -> ConsumerSettings:
 
 
 def detector_config(settings: ConsumerSettings) -> DetectorConfig:
-    if settings.model_path is None:
-        raise SettingsError("DETFLEET_MODEL_PATH: no model given (use --model or DETFLEET_MODEL_PATH)")
     return DetectorConfig(
         model_path=settings.model_path,
         labels_path=settings.labels_path,

@@ -26,9 +26,17 @@ ENV_FILE = ".env"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/detfleet"
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+SHIPPED_MODEL_NAME = "detfleet-line-320.onnx"
 
 Lane = Literal["realtime", "bulk"]
 QueueType = Literal["classic", "quorum"]
+
+
+def shipped_model_path() -> Path:
+    """The detector trained for this project: ``models/`` of a checkout, or ``detfleet/models`` of a wheel."""
+    root = Path(__file__).resolve().parent.parent
+    in_wheel = root / "detfleet" / "models" / SHIPPED_MODEL_NAME
+    return in_wheel if in_wheel.exists() else root / "models" / SHIPPED_MODEL_NAME
 
 
 def mask_url(url: str) -> str:
@@ -149,7 +157,9 @@ class ConsumerSettings(TopologySettings):
         None, gt=0, description="Bulk prefetch; default max_batch x (batches_in_flight + 1)"
     )
     realtime_prefetch: int | None = Field(None, gt=0, description="Realtime prefetch; default max_batch")
-    model_path: Path | None = Field(None, description="ONNX model; default the shipped detector")
+    model_path: Path = Field(
+        default_factory=shipped_model_path, description="ONNX model; default the shipped detector"
+    )
     labels_path: Path | None = Field(
         None, description="Class names, one a line; wins over the model's metadata"
     )
