@@ -2,7 +2,8 @@
 
 Upsert rules (DESIGN.md section 4): a new task inserts its row; an ``ok`` row is never overwritten (a bad
 message reusing a good task's id cannot erase it); a ``failed`` or ``shed`` row becomes ``ok`` when a replay
-succeeds. Every conflicting write counts one absorbed redelivery on the row.
+succeeds. Every conflicting write counts one absorbed redelivery on the row, and the write reports the
+status and reason of each row it left as it was (the worker still owes a ``failed`` row its DLQ entry).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +83,7 @@ RETURNING task_id, (xmax <> 0) AS replaced
 _COUNT_REDELIVERIES = """
 UPDATE detfleet_results AS r SET redeliveries = r.redeliveries + c.n
 FROM unnest($1::uuid[], $2::int4[]) AS c(task_id, n) WHERE r.task_id = c.task_id
+RETURNING r.task_id, r.status, r.reason
 """
 _UNAVAILABLE = (
     OSError,
@@ -94,11 +96,20 @@ _UNAVAILABLE = (
 
 
 @dataclass(frozen=True)
+class StoredRow:
+    """A row the write left as it was (an earlier delivery of the task wrote it)."""
+
+    status: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
 class WriteReport:
     inserted: int
     replaced: int
     absorbed: int
     seconds: float
+    kept: dict[uuid.UUID, StoredRow] = field(default_factory=dict)
 
 
 def _columns(rows: Sequence[ResultRow]) -> list[list[Any]]:
@@ -142,15 +153,22 @@ class Sink:
                 written = await conn.fetch(_UPSERT, *_columns(unique))
                 taken = {w["task_id"] for w in written}
                 kept = [r for r in unique if r.task_id not in taken]  # an ok row stays as it is
+                stored = []
                 if kept:
-                    await conn.execute(
+                    stored = await conn.fetch(
                         _COUNT_REDELIVERIES, [r.task_id for r in kept], [r.redeliveries + 1 for r in kept]
                     )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
             raise SinkUnavailableError(f"writing {len(rows)} rows failed: {error!r}") from error
         replaced = sum(1 for w in written if w["replaced"])
         absorbed = len(rows) - len(written) + replaced
-        return WriteReport(len(written) - replaced, replaced, absorbed, time.perf_counter() - started)
+        return WriteReport(
+            len(written) - replaced,
+            replaced,
+            absorbed,
+            time.perf_counter() - started,
+            {s["task_id"]: StoredRow(s["status"], s["reason"]) for s in stored},
+        )
 
     async def fetch_rows(self, task_ids: Sequence[uuid.UUID] | None = None) -> list[dict[str, Any]]:
         """Rows as dicts (tests, demo and tools)."""

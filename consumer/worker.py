@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,10 @@ from consumer.acker import Acker
 from consumer.decode import decode_image
 from consumer.detector.base import Detection, Detector, InferenceError
 from consumer.health import HealthState, start_health_server
-from consumer.jobs import Job, admit, build_row, check_deadline
+from consumer.jobs import Job, admit, build_row, check_deadline, task_id_of
 from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import Action, BadInput, Ok, Outcome, SinkUnavailable, Transient, decide
-from consumer.sink import ResultRow, Sink, SinkUnavailableError
+from consumer.sink import ResultRow, Sink, SinkUnavailableError, StoredRow, WriteReport
 from shared.broker.aio import Broker, CancelConsumer, ConnectionLoss, Delivery, DeliveryHandler
 from shared.broker.quarantine import quarantine_undecodable
 from shared.errors import BrokerError
@@ -372,8 +373,14 @@ class Worker:
             for j, a in zip(batch, actions, strict=True)
         ]
         written = [r for r in rows if r is not None]
-        if written and not await self._write(written, batch):
-            actions = [decide(SinkUnavailable("Postgres unavailable"), j.task, 0) for j in batch]
+        if written:
+            report = await self._write(written, batch)
+            if report is None:
+                actions = [decide(SinkUnavailable("Postgres unavailable"), j.task, 0) for j in batch]
+            else:
+                actions = [
+                    _keep_failed_promise(j, a, report.kept) for j, a in zip(batch, actions, strict=True)
+                ]
         for job, action in zip(batch, actions, strict=True):
             await self._settle(job, action)
 
@@ -382,7 +389,8 @@ class Worker:
         assert job.outcome is not None, "every job has an outcome by settle time"
         return job.outcome
 
-    async def _write(self, rows: list[ResultRow], batch: list[Job]) -> bool:
+    async def _write(self, rows: list[ResultRow], batch: list[Job]) -> WriteReport | None:
+        """Write the batch's rows; None when Postgres did not take them (the worker pauses)."""
         assert self._sink is not None
         waited = (time.monotonic() - max(j.received_mono for j in batch)) * 1000
         try:
@@ -390,7 +398,7 @@ class Worker:
         except SinkUnavailableError as error:
             logger.warning("Sink unavailable: %s", error)
             await self._pause_for_sink()
-            return False
+            return None
         self.metrics.sink.observe(report.seconds)
         self.metrics.redeliveries.inc(report.absorbed)
         for row in rows:
@@ -398,7 +406,7 @@ class Worker:
                 self.metrics.end_to_end.observe(row.end_to_end_ms / 1000)
             if row.queue_wait_ms is not None:
                 self.metrics.queue_wait.observe(row.queue_wait_ms / 1000)
-        return True
+        return report
 
     async def _settle(self, job: Job, action: Action) -> None:
         """Carry out one decided action: publish what it needs (confirmed), then ack, or requeue."""
@@ -528,6 +536,20 @@ class Worker:
             await self._sink.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _keep_failed_promise(job: Job, action: Action, kept: dict[uuid.UUID, StoredRow]) -> Action:
+    """A task whose row already says ``failed`` gets its DLQ entry, whatever this delivery decided.
+
+    An earlier delivery wrote the failed row and died before its DLQ copy was confirmed (a crash, a cut
+    link); the redelivery may now decide otherwise (a realtime frame past its deadline only sheds, and the
+    failed row stays, since only ``ok`` replaces a row): without this, the row would have no DLQ entry.
+    """
+    task_id = task_id_of(job)
+    stored = kept.get(task_id) if task_id is not None else None
+    if stored is None or stored.status != "failed" or action.dead_letter or action.status is None:
+        return action
+    return replace(action, dead_letter=True, reason=stored.reason or action.reason or "failed")
 
 
 def _timed(detector: Detector, images: list[np.ndarray]) -> tuple[list[list[Detection]], float]:

@@ -1,0 +1,243 @@
+"""Private RabbitMQ and Postgres servers a harness starts, breaks and stops by itself.
+
+Each one gets its own ports (found free on the loopback interface) and its own data directory under a
+temporary folder, so nothing a harness does can touch the shared servers of the machine. Both must run as
+root here: RabbitMQ directly (``/usr/lib/rabbitmq/bin``, not the ``/usr/sbin`` wrapper, which switches user
+and directory) and Postgres as the ``postgres`` user. Use them as context managers: the servers are
+stopped and their folders removed on the way out, even when the harness failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+LOOPBACK = "127.0.0.1"
+START_LIMIT_S = 120  # bounds against a server that never comes up, far above a normal start
+STOP_LIMIT_S = 60
+
+
+class NodeError(RuntimeError):
+    """A private server did not start or stop as asked."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _run(command: list[str], env: dict[str, str] | None = None, timeout: float = STOP_LIMIT_S) -> str:
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as error:
+        raise NodeError(f"{command[0]} took longer than {timeout:g} s") from error
+    if done.returncode != 0:
+        raise NodeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+class PrivateRabbit:
+    """One RabbitMQ node with the management plugin, on ports of its own, data in ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.name = f"soak-{os.getpid()}-{root.name[-6:]}@localhost"
+        self.amqp_port = free_port()
+        self.dist_port = free_port()
+        self.management_port = free_port()
+        self.prometheus_port = free_port()
+        self._env = self._environment()
+        self.started = False
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@{LOOPBACK}:{self.amqp_port}/"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://guest:guest@{LOOPBACK}:{self.management_port}/"
+
+    def _environment(self) -> dict[str, str]:
+        for folder in ("home", "mnesia", "log"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        config = self.root / "rabbitmq.conf"
+        # Mirrors the repository's rabbitmq/rabbitmq.conf, with this node's own loopback listeners.
+        config.write_text(
+            f"listeners.tcp.local = {LOOPBACK}:{self.amqp_port}\n"
+            f"management.tcp.ip = {LOOPBACK}\n"
+            f"management.tcp.port = {self.management_port}\n"
+            f"prometheus.tcp.ip = {LOOPBACK}\n"
+            f"prometheus.tcp.port = {self.prometheus_port}\n"
+            "consumer_timeout = 1800000\n"
+            "max_message_size = 16777216\n"
+            "vm_memory_high_watermark.relative = 0.6\n"
+            "disk_free_limit.absolute = 50MB\n"
+        )
+        plugins = self.root / "enabled_plugins"
+        plugins.write_text("[rabbitmq_management].\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        return env | {
+            "HOME": str(self.root / "home"),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.root / "log"),
+            "RABBITMQ_CONFIG_FILE": str(config),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
+            "RABBITMQ_PID_FILE": str(self.root / "node.pid"),
+            "ERL_EPMD_ADDRESS": LOOPBACK,
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def _ctl(self, *args: str, timeout: float = STOP_LIMIT_S) -> str:
+        return _run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.name, *args], self._env, timeout)
+
+    def start(self) -> None:
+        _run([str(RABBIT_BIN / "rabbitmq-server"), "-detached"], self._env)
+        self.started = True
+        self._await_startup()
+        self._wait_for_management()
+
+    def _await_startup(self) -> None:
+        """``await_startup`` fails at once while the node has not registered with epmd yet: poll it."""
+        deadline = time.monotonic() + START_LIMIT_S
+        while True:
+            try:
+                self._ctl("await_startup", "--timeout", "30", timeout=40)
+                return
+            except NodeError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
+
+    def _wait_for_management(self) -> None:
+        """await_startup returns before the management listener takes connections; topology needs it."""
+        deadline = time.monotonic() + START_LIMIT_S
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                probe.settimeout(1)
+                if probe.connect_ex((LOOPBACK, self.management_port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise NodeError(f"management API of {self.name} did not open in {START_LIMIT_S} s")
+
+    def stop(self) -> None:
+        """A real node stop (not stop_app): every connection drops, durable queues stay on disk."""
+        if self.started:
+            # Given the pid file, ``stop`` returns once the VM has exited: the name is free to start again.
+            self._ctl("stop", str(self.root / "node.pid"), timeout=STOP_LIMIT_S)
+            self.started = False
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def kill(self) -> None:
+        """kill -9 the node's Erlang VM (the harness's last resort at clean-up)."""
+        pid_file = self.root / "node.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        self.started = False
+
+
+class PrivatePostgres:
+    """One Postgres 15 cluster (trust auth, user postgres) on a port of its own, data in ``root``."""
+
+    def __init__(self, root: Path, database: str = "detfleet_soak") -> None:
+        self.root = root
+        self.database = database
+        self.port = free_port()
+        self.data = root / "data"
+        self.log = root / "postgres.log"
+        self.started = False
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.chown(root, "postgres", "postgres")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/{self.database}"
+
+    def _as_postgres(self, tool: str, *args: str, timeout: float = STOP_LIMIT_S) -> str:
+        command = ["runuser", "-u", "postgres", "--", str(POSTGRES_BIN / tool), *args]
+        return _run(command, timeout=timeout)
+
+    def init(self) -> None:
+        self._as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.data), "--no-sync")
+
+    def _ctl(self, action: str, *extra: str) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync=off"
+        self._as_postgres(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
+            "-t", str(START_LIMIT_S), action, *extra, timeout=START_LIMIT_S + 10,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self._ctl("start")
+        self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            self._ctl("stop", "-m", "fast")
+            self.started = False
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every session is terminated, committed rows stay."""
+        self._ctl("restart", "-m", "fast")
+        self.started = True
+
+    def kill(self) -> None:
+        pid_file = self.data / "postmaster.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError, IndexError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGKILL)
+        self.started = False
+
+
+class PrivateServers:
+    """A private RabbitMQ and Postgres in one temporary folder; everything is gone after ``__exit__``."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="detfleet-chaos-"))
+        self.root.chmod(0o755)  # the postgres user must reach its data directory
+        self.rabbit = PrivateRabbit(self.root / "rabbit")
+        self.postgres = PrivatePostgres(self.root / "postgres")
+
+    def __enter__(self) -> Self:
+        try:
+            self.postgres.init()
+            self.postgres.start()
+            self.rabbit.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for node in (self.rabbit, self.postgres):
+            try:
+                node.stop()
+            except NodeError:
+                node.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
