@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ from consumer.sink import ResultRow
 from shared.broker.aio import Delivery
 from shared.errors import FrameRejectedError, TaskValidationError
 from shared.frames import inspect_frame
-from shared.schema import Task
+from shared.schema import BROKER_DEATH_HEADERS, Envelope, Task
 from shared.topology import QUEUE_INTAKE
+
+# Names the result row of a message that carries no usable task id (see derived_task_id).
+DERIVED_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "detfleet:message-without-task-id")
 
 # Set on a message whose AMQP properties the client library could not decode, by the quarantine sweep
 # that moved a sanitised copy back into the worker's reach.
@@ -90,14 +94,33 @@ def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def task_id_of(job: Job) -> uuid.UUID | None:
-    """The task id even of an invalid message, when its message_id is a UUID at all."""
+def task_id_of(job: Job) -> uuid.UUID:
+    """The key of the message's row: the task id, else its message_id when that is a UUID at all, else
+    :func:`derived_task_id`. Every message gets a row, so a bad one is never only a DLQ entry."""
     if job.task is not None:
         return job.task.task_id
+    envelope = job.delivery.envelope
     try:
-        return uuid.UUID(str(job.delivery.envelope.message_id))
+        return uuid.UUID(str(envelope.message_id))
     except ValueError:
-        return None
+        return derived_task_id(envelope)
+
+
+def derived_task_id(envelope: Envelope) -> uuid.UUID:
+    """A UUIDv5 of everything a message carries (body, routing key, properties, headers): the same for every
+    redelivery of it, so the sink absorbs them as redeliveries, and different for any other message.
+
+    The broker's death headers are left out: the same message read back from the intake keeps its key.
+    """
+    headers = sorted(
+        (repr(key), repr(value)) for key, value in envelope.headers.items() if key not in BROKER_DEATH_HEADERS
+    )
+    properties = (envelope.message_id, envelope.timestamp, envelope.app_id, envelope.content_type)
+    digest = hashlib.sha256()
+    for part in (envelope.routing_key, repr(properties), repr(headers)):
+        digest.update(part.encode("utf-8", "backslashreplace") + b"\0")
+    digest.update(envelope.body)
+    return uuid.uuid5(DERIVED_ID_NAMESPACE, digest.hexdigest())
 
 
 def _ms(start: datetime | None, end: datetime) -> float | None:
@@ -107,10 +130,10 @@ def _ms(start: datetime | None, end: datetime) -> float | None:
 def build_row(
     job: Job, action: Action, model: ModelInfo, consumer_id: str, now: datetime
 ) -> ResultRow | None:
-    """The result row an action writes, or None for a message without a usable task id."""
-    task_id = task_id_of(job)
-    if action.status is None or task_id is None:
+    """The result row an action writes, or None for an action that writes none (retry, requeue)."""
+    if action.status is None:
         return None
+    task_id = task_id_of(job)
     task, outcome = job.task, job.outcome
     ok = outcome if isinstance(outcome, Ok) else None
     published = task.published_at if task else None

@@ -40,6 +40,9 @@ def inspect_frame(body: bytes) -> FrameInfo:
         info = FrameInfo("jpeg", *_jpeg_size(body))
     elif body.startswith(PNG_MAGIC):
         info = FrameInfo("png", *_png_size(body))
+    elif JPEG_MAGIC.startswith(body) or PNG_MAGIC.startswith(body):
+        kind = "JPEG" if JPEG_MAGIC.startswith(body) else "PNG"
+        raise FrameRejectedError(f"truncated {kind}: the body ends inside its signature")
     else:
         raise FrameRejectedError(f"not a JPEG or PNG image ({_describe(body)})")
     _check_dimensions(info)

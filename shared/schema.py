@@ -48,6 +48,9 @@ BROKER_DEATH_HEADERS = (
 )
 
 Lane = Literal["realtime", "bulk"]
+# A reason quotes at most this much of the offending value: it travels in a DLQ header and a result row,
+# and a header of tens of kilobytes quoted whole would make the DLQ copy too big for one AMQP frame.
+QUOTE_LIMIT = 80
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,14 @@ class Task(BaseModel):
     deadline: AwareDatetime | None = None
     producer: str | None = Field(None, max_length=255)
     published_at: AwareDatetime | None = None
+
+    @field_validator("trace_id", "producer")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # Postgres text cannot hold NUL: a row carrying one could never be written.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
     @field_validator("captured_at", "deadline", "published_at")
     @classmethod
@@ -197,13 +208,21 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
+def quoted(value: object) -> str:
+    """``repr(value)`` for a reason, cut to :data:`QUOTE_LIMIT` characters with the full length named."""
+    text = repr(value)
+    if len(text) <= QUOTE_LIMIT:
+        return text
+    return f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
+
+
 def _validated(raw: dict[str, Any]) -> Task:
     try:
         return Task.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise TaskValidationError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+        raise TaskValidationError(f"{where}: {first['msg']} (got {quoted(first.get('input'))})") from None
 
 
 def _check_schema(headers: Mapping[str, Any]) -> None:
@@ -211,7 +230,7 @@ def _check_schema(headers: Mapping[str, Any]) -> None:
     if version is None:
         raise TaskValidationError(f"header {H_SCHEMA} is missing")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise TaskValidationError(f"header {H_SCHEMA} must be an integer, got {version!r}")
+        raise TaskValidationError(f"header {H_SCHEMA} must be an integer, got {quoted(version)}")
     if version > SCHEMA_VERSION:
         raise UnsupportedSchemaError(f"unsupported schema {version}")
     if version != SCHEMA_VERSION:
@@ -221,7 +240,7 @@ def _check_schema(headers: Mapping[str, Any]) -> None:
 def _split_routing_key(key: str) -> tuple[str, str, str]:
     parts = key.split(".")
     if len(parts) != 3 or parts[0] not in LANES:
-        raise TaskValidationError(f"routing key must be <lane>.<site>.<camera>, got {key!r}")
+        raise TaskValidationError(f"routing key must be <lane>.<site>.<camera>, got {quoted(key)}")
     return parts[0], parts[1], parts[2]
 
 
@@ -245,7 +264,7 @@ def _header_text(headers: Mapping[str, Any], name: str) -> str:
 def _header_int(headers: Mapping[str, Any], name: str) -> int:
     value = headers.get(name, 1)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TaskValidationError(f"header {name} must be an integer, got {value!r}")
+        raise TaskValidationError(f"header {name} must be an integer, got {quoted(value)}")
     return value
 
 
@@ -256,7 +275,9 @@ def _header_time(headers: Mapping[str, Any], name: str, required: bool = True) -
     try:
         return parse_time(text)
     except ValueError:
-        raise TaskValidationError(f"header {name} must be an RFC 3339 time with zone, got {text!r}") from None
+        raise TaskValidationError(
+            f"header {name} must be an RFC 3339 time with zone, got {quoted(text)}"
+        ) from None
 
 
 def dead_letter_copy(envelope: Envelope, reason: str, attempt: int, failed_at: datetime) -> Envelope:

@@ -65,3 +65,18 @@ def test_a_jpeg_declaring_huge_dimensions_is_refused_before_decoding() -> None:
 def test_an_oversized_body_is_refused() -> None:
     with pytest.raises(FrameRejectedError, match="over the 8388608-byte limit"):
         inspect_frame(encoded(".jpg") + b"\x00" * MAX_FRAME_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\x89PN", "truncated PNG: the body ends inside its signature"),
+        (b"\x89PNG\r\n\x1a", "truncated PNG: the body ends inside its signature"),
+        (b"\xff", "truncated JPEG: the body ends inside its signature"),
+        (b"\xff\xd8", "truncated JPEG: the body ends inside its signature"),
+    ],
+)
+def test_a_body_cut_inside_the_signature_is_called_truncated(body: bytes, reason: str) -> None:
+    with pytest.raises(FrameRejectedError) as refused:
+        inspect_frame(body)
+    assert str(refused.value) == reason

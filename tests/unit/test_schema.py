@@ -169,3 +169,36 @@ def test_a_dead_letter_copy_says_why_and_where_from_and_replay_undoes_it() -> No
     replayed = replay_copy(replace(copy, routing_key="", exchange="detfleet.dlq"))
     assert replayed.routing_key == "realtime.plant-1.cam_07"
     assert replayed.headers == {H_ATTEMPT: 1}
+
+
+@pytest.mark.parametrize("headers", [{"trace_id": "tr\x00ce"}, {"trace_id": "\x00"}])
+def test_a_nul_character_in_a_stored_text_is_refused(headers: dict[str, Any]) -> None:
+    """Postgres text cannot hold NUL: such a task must fail as bad input, never reach the sink."""
+    with pytest.raises(TaskValidationError, match=r"trace_id: .*must not contain NUL"):
+        Task.from_envelope(envelope_of(make_task(), **headers))
+
+
+def test_a_nul_in_the_producer_name_is_refused() -> None:
+    envelope = replace(make_task().to_envelope(b"\xff\xd8\xff body"), app_id="gate\x00way")
+    with pytest.raises(TaskValidationError, match=r"producer: .*must not contain NUL"):
+        Task.from_envelope(envelope)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"camera_id": "c" * 60_000},
+        {"trace_id": "t" * 60_000},
+        {H_CAPTURED_AT: "y" * 60_000},
+        {H_ATTEMPT: ["a" * 60_000]},
+        {H_SCHEMA: "1" * 60_000},
+    ],
+)
+def test_a_reason_quotes_a_huge_value_only_in_part(headers: dict[str, Any]) -> None:
+    """The reason goes into a DLQ header next to the original headers: quoting 60 kB whole would push the
+    copy past the broker's frame size."""
+    with pytest.raises(TaskValidationError) as caught:
+        Task.from_envelope(envelope_of(make_task(), **headers))
+    reason = str(caught.value)
+    assert len(reason) < 300
+    assert "characters)" in reason
