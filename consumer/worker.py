@@ -29,7 +29,7 @@ from consumer.jobs import Job, admit, build_row, check_deadline, task_id_of
 from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import Action, BadInput, Ok, Outcome, SinkUnavailable, Transient, decide
 from consumer.sink import ResultRow, Sink, SinkUnavailableError, StoredRow, WriteReport
-from shared.broker.aio import Broker, CancelConsumer, ConnectionLoss, Delivery, DeliveryHandler
+from shared.broker.aio import Broker, ConnectionLoss, Delivery, DeliveryHandler, Subscription
 from shared.broker.quarantine import quarantine_undecodable
 from shared.errors import BrokerError
 from shared.logs import task_context
@@ -47,6 +47,7 @@ from shared.topology import (
 
 logger = logging.getLogger(__name__)
 
+MAX_SWEEP_BACKOFF_S = 60.0
 RECONNECT_DELAY_S = 1.0
 CLOSE_REASON_WAIT_S = 5.0
 SINK_POLL_S = 1.0
@@ -75,7 +76,8 @@ class Worker:
         # resume after a sink outage opens new channels while batches from the old ones may still settle.
         # Old ones stay until the connection goes, so a late delivery on a cancelled consumer is requeued.
         self._ackers: list[Acker] = []
-        self._cancels: list[CancelConsumer] = []
+        self._subscriptions: list[tuple[Acker, Subscription]] = []
+        self._retiring: list[tuple[Acker, Subscription]] = []  # cancelled; closed once their acker is empty
         self._broker: Broker | None = None
         self._sink: Sink | None = None
         self._paused = False
@@ -85,6 +87,10 @@ class Worker:
         self.exit_reason = ""
 
     # ---- public ---------------------------------------------------------------------------------------
+
+    def open_channels(self) -> int:
+        """Channels open on the current connection (0 between connections)."""
+        return 0 if self._broker is None or self._broker.is_closed else self._broker.open_channels()
 
     def held(self) -> int:
         return sum(len(a) for a in self._ackers)
@@ -128,10 +134,13 @@ class Worker:
         housekeeping = asyncio.create_task(self._housekeeping())
         batcher = self._batcher = asyncio.create_task(self._batch_loop())
         try:
+            failed_sweeps = 0
             while not self._stop.is_set():
                 loss = await self._one_connection()
                 if loss is not None and loss.undecodable_frame and not self._stop.is_set():
-                    await self._quarantine()
+                    failed_sweeps = 0 if await self._quarantine() else failed_sweeps + 1
+                    if failed_sweeps:  # neither client can read it: each new connection would die at once
+                        await self._sleep(min(RECONNECT_DELAY_S * 2**failed_sweeps, MAX_SWEEP_BACKOFF_S))
         finally:
             batcher.cancel()
             housekeeping.cancel()
@@ -193,7 +202,8 @@ class Worker:
         self._realtime.clear()
         self._others.clear()
         self._ackers.clear()
-        self._cancels.clear()
+        self._subscriptions.clear()
+        self._retiring.clear()
         self.metrics.in_flight.set(0)
 
     async def _start_consuming(self) -> None:
@@ -208,16 +218,29 @@ class Worker:
         for queue, prefetch in lanes:
             acker = Acker()
             self._ackers.append(acker)
-            self._cancels.append(await self._broker.consume(queue, self._receiver(acker), prefetch))
+            self._subscriptions.append(
+                (acker, await self._broker.consume(queue, self._receiver(acker), prefetch))
+            )
         self.metrics.ready.set(1)
 
     async def _stop_consuming(self) -> None:
-        cancels, self._cancels = self._cancels, []
-        for cancel in cancels:
-            await cancel()
+        stopped, self._subscriptions = self._subscriptions, []
+        for _, subscription in stopped:
+            await subscription.cancel()
+        self._retiring.extend(stopped)
         self.metrics.ready.set(0)
 
-    async def _quarantine(self) -> None:
+    async def _close_settled_channels(self) -> None:
+        """A paused consumer's channels stay open until what they delivered is settled (an ack must travel
+        on the channel that delivered); then they close, so pauses cannot pile channels up to the limit."""
+        settled = [(acker, sub) for acker, sub in self._retiring if len(acker) == 0]
+        for acker, subscription in settled:
+            self._retiring.remove((acker, subscription))
+            self._ackers.remove(acker)
+        for _, subscription in settled:
+            await subscription.close()
+
+    async def _quarantine(self) -> bool:
         queues = [QUEUE_REALTIME, QUEUE_BULK, QUEUE_RETRY_READY, QUEUE_INTAKE]
         try:
             report = await asyncio.to_thread(
@@ -228,11 +251,12 @@ class Worker:
                 self.settings.bulk_prefetch * 4,
             )
         except BrokerError as error:
-            logger.warning("Quarantine sweep failed: %s", error)
-            return
+            logger.error("Quarantine sweep failed; reconnecting with backoff: %s", error)
+            return False
         logger.warning(
             "Quarantine sweep: %d scanned, %d moved aside", report.scanned, len(report.quarantined)
         )
+        return True
 
     # ---- receiving and batching ----------------------------------------------------------------------
 
@@ -478,6 +502,7 @@ class Worker:
     async def _housekeeping(self) -> None:
         while not self._stop.is_set():
             await self._sleep(HOUSEKEEPING_S)
+            await self._close_settled_channels()
             await self._requeue_overheld()
             await self._check_idle()
 

@@ -15,6 +15,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
@@ -117,7 +118,24 @@ class Delivery:
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
-CancelConsumer = Callable[[], Awaitable[None]]
+
+
+class Subscription:
+    """One consumer on a channel of its own. ``cancel`` stops new deliveries; ``close`` frees the channel,
+    once every delivery taken on it is settled (closing earlier hands them back to the broker)."""
+
+    def __init__(self, channel: AbstractChannel, source: AbstractQueue, tag: str) -> None:
+        self._channel = channel
+        self._source = source
+        self._tag = tag
+
+    async def cancel(self) -> None:
+        with contextlib.suppress(AMQPError, ConnectionError, ChannelInvalidStateError):
+            await self._source.cancel(self._tag)
+
+    async def close(self) -> None:
+        with contextlib.suppress(AMQPError, ConnectionError, ChannelInvalidStateError):
+            await self._channel.close()
 
 
 @dataclass(frozen=True)
@@ -192,8 +210,8 @@ class Broker:
                 self._exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
         return self._exchanges[name]
 
-    async def consume(self, queue: str, handler: DeliveryHandler, prefetch: int) -> CancelConsumer:
-        """Consume ``queue`` on its own channel with its own prefetch; returns a coroutine that cancels it.
+    async def consume(self, queue: str, handler: DeliveryHandler, prefetch: int) -> Subscription:
+        """Consume ``queue`` on its own channel with its own prefetch.
 
         One channel per consumer keeps ``ack(multiple=True)`` from reaching another queue's deliveries.
         """
@@ -206,12 +224,12 @@ class Broker:
                 await handler(Delivery(to_envelope(message), queue, message.delivery_tag or 0, message))
 
             tag = await source.consume(on_message)
+        return Subscription(channel, source, tag)
 
-        async def cancel() -> None:
-            with contextlib.suppress(AMQPError, ConnectionError, ChannelInvalidStateError):
-                await source.cancel(tag)
-
-        return cancel
+    def open_channels(self) -> int:
+        """Channels open on the connection now, the publishing one included (a leak shows here first)."""
+        transport = self._connection.transport
+        return 0 if transport is None else sum(1 for c in transport.connection.channels.values() if c)
 
     async def queue_depth(self, queue: str) -> int:
         """Ready messages in ``queue`` (passive declare)."""
@@ -262,10 +280,10 @@ class QueueReader:
 
 __all__ = [
     "Broker",
-    "CancelConsumer",
     "ConnectionLoss",
     "Delivery",
     "DeliveryHandler",
     "QueueReader",
+    "Subscription",
     "translated_errors",
 ]

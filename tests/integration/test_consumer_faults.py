@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -301,6 +302,36 @@ async def test_postgres_outage_pauses_the_consumer_and_every_task_lands_once_aft
     rows = await rows_by_id(results_db)
     assert {r["attempt"] for r in rows.values()} == {1}  # an outage burns no retry attempt
     await assert_queues_empty(broker, QUEUE_BULK, QUEUE_RETRY_READY, QUEUE_DLQ)
+
+
+async def test_repeated_postgres_outages_close_the_paused_channels(
+    broker: Broker, topology_settings: AdminSettings, results_db: str
+) -> None:
+    """Every resume opens fresh channels; without closing the old ones a flapping database would walk the
+    connection up to the broker's channel limit and lose it."""
+    port = free_port()
+    async with TcpProxy(port=POSTGRES_PORT) as postgres:
+        settings = consumer_settings(
+            topology_settings, via(postgres, results_db), health_port=port, exit_when_idle_s=None
+        )
+        async with running(settings, FakeDetector()) as worker:
+            await wait_for_status(port, "/readyz", 200)
+            steady = worker.open_channels()
+            for outage in range(3):
+                postgres.refuse_new = True
+                postgres.cut()
+                await publish(broker, make_task(), jpeg(outage))
+                assert "database" in await wait_for_status(port, "/readyz", 503)
+                postgres.refuse_new = False
+                await wait_for_status(port, "/readyz", 200)
+                await eventually(
+                    functools.partial(_rows_reach, results_db, outage + 1), "the task landed on resume"
+                )
+
+            async def back_to_steady() -> bool:
+                return worker.open_channels() == steady
+
+            await eventually(back_to_steady, f"the channels of paused consumers closed (steady: {steady})")
 
 
 async def test_a_batch_in_flight_through_a_postgres_outage_is_acked_on_its_own_channel(
