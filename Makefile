@@ -58,8 +58,12 @@ demo: setup
 bench: setup
 	@echo "make bench: not available yet" >&2; exit 2
 
+# The long reliability runs (make test runs short versions of each): a 10-minute chaos soak on a private
+# RabbitMQ node and Postgres, 10,000 fuzzed inputs through the broker, two minutes of overload.
 soak: setup
-	@echo "make soak: not available yet" >&2; exit 2
+	$(BIN)/python -m tests.chaos.soak --duration 600 --tasks 11500 --log-dir out/soak
+	FUZZ_INPUTS=10000 $(BIN)/pytest tests/integration/test_fuzz.py -q -p no:cacheprovider
+	$(BIN)/python -m tests.chaos.overload --duration 120
 
 # Retrains the shipped detector from generated frames (CPU, under 20 minutes on 2 cores) and rewrites
 # models/ with the model card; torch 2.13.0 CPU comes with the train extra.
