@@ -23,10 +23,16 @@ class Acker:
     def track(self, delivery: Delivery) -> None:
         self._held[delivery.delivery_tag] = delivery
 
-    async def ack(self, delivery: Delivery) -> None:
+    async def ack(self, delivery: Delivery, flush: bool = True) -> None:
+        """Settle one delivery; ``flush=False`` leaves the ack frame for :meth:`flush`, so a batch settled in
+        order goes out as one ``multiple=true`` frame instead of one frame a message."""
         if delivery.delivery_tag in self._held:
             self._settled.add(delivery.delivery_tag)
-            await self._flush()
+            if flush:
+                await self._flush()
+
+    async def flush(self) -> None:
+        await self._flush()
 
     async def requeue(self, delivery: Delivery) -> None:
         if self._held.pop(delivery.delivery_tag, None) is not None:
@@ -38,6 +44,7 @@ class Acker:
         pending = [d for tag, d in self._held.items() if tag not in self._settled]
         for delivery in pending:
             await self.requeue(delivery)
+        await self._flush()  # what was settled without a flush yet
         return len(pending)
 
     async def _flush(self) -> None:

@@ -407,6 +407,8 @@ class Worker:
                 ]
         for job, action in zip(batch, actions, strict=True):
             await self._settle(job, action)
+        for acker in {id(j.acker): j.acker for j in batch}.values():
+            await acker.flush()  # one ack frame per channel for the whole batch
 
     @staticmethod
     def _outcome(job: Job) -> Outcome:
@@ -433,7 +435,8 @@ class Worker:
         return report
 
     async def _settle(self, job: Job, action: Action) -> None:
-        """Carry out one decided action: publish what it needs (confirmed), then ack, or requeue."""
+        """Carry out one decided action: publish what it needs (confirmed), then ack (the batch flushes the
+        ack frames), or requeue."""
         self.metrics.outcomes.labels(action.kind).inc()
         task = job.task
         with task_context(
@@ -450,7 +453,7 @@ class Worker:
                 return
             if action.dead_letter:
                 logger.warning("Dead-lettered: %s", action.reason)
-            await job.acker.ack(job.delivery)
+            await job.acker.ack(job.delivery, flush=False)
 
     async def _publish_for(self, job: Job, action: Action) -> None:
         broker = self._broker

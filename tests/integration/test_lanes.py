@@ -48,11 +48,12 @@ async def collect(broker: Broker, queue: str, count: int, timeout: float = 20.0)
         if len(received) >= count:
             done.set()
 
-    cancel = await broker.consume(queue, on_delivery, prefetch=count)
+    subscription = await broker.consume(queue, on_delivery, prefetch=count)
     try:
         await asyncio.wait_for(done.wait(), timeout)
     finally:
-        await cancel()
+        await subscription.cancel()
+        await subscription.close()
     return received
 
 

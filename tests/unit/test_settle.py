@@ -107,6 +107,25 @@ async def test_acks_wait_for_every_lower_tag_then_go_out_as_one_multiple_ack() -
     assert len(acker) == 1
 
 
+async def test_a_batch_settled_without_flushing_goes_out_as_one_ack_frame() -> None:
+    acker, d, sent = deliveries(16)
+    for delivery in d:
+        await acker.ack(delivery, flush=False)
+    assert sent == []
+    await acker.flush()
+    assert sent == [("ack", 16, True)]
+    assert acker.ack_frames == 1
+    assert len(acker) == 0
+
+
+async def test_requeue_all_also_sends_the_acks_still_waiting_for_a_flush() -> None:
+    acker, d, sent = deliveries(2)
+    await acker.ack(d[0], flush=False)
+    await acker.ack(d[1], flush=False)
+    assert await acker.requeue_all() == 0
+    assert sent == [("ack", 2, True)]
+
+
 async def test_a_requeue_goes_out_at_once_and_unblocks_the_run_behind_it() -> None:
     acker, d, sent = deliveries(3)
     await acker.ack(d[1])
