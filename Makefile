@@ -55,8 +55,11 @@ test: lint setup tools
 demo: setup
 	$(BIN)/python -m detfleet.demo
 
+# Every peer side by side on the same frames and machine: ceilings, Celery, a pika seed-style consumer and
+# detfleet, with the shipped and a compute-bound model; writes bench/results/ and docs/performance.md.
 bench: setup
-	@echo "make bench: not available yet" >&2; exit 2
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.run
 
 # The long reliability runs (make test runs short versions of each): a 10-minute chaos soak on a private
 # RabbitMQ node and Postgres, 10,000 fuzzed inputs through the broker, two minutes of overload.

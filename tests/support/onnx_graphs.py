@@ -16,6 +16,8 @@ Builders:
   picture (draw a white rectangle, get its box back through the letterbox).
 - write_failing_model: no detections, but ONNX Runtime fails the run when any pixel of the batch is white.
 - write_conv_head_model: random-weight convolutions ending in a YOLOv8-shaped head, for speed measurements.
+- write_compute_bound_model: the same graph widened to about 8 GFLOPs an image at 640x640 (YOLOv8n is 8.7).
+- conv_gflops: the convolution FLOPs of one image through a model (2 per multiply-add, as ultralytics counts).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Literal, NamedTuple, TypedDict, Unpack
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 Layout = Literal["head", "end_to_end"]
 OPSET = 17
@@ -293,6 +295,59 @@ def write_conv_head_model(
     )
     names = [f"class{i}" for i in range(num_classes)]
     return _save(path, graph, names, input_size, None)
+
+
+COMPUTE_BOUND_GFLOPS = 8.0
+
+
+def write_compute_bound_model(
+    path: Path,
+    *,
+    input_size: tuple[int, int] = (640, 640),
+    target_gflops: float = COMPUTE_BOUND_GFLOPS,
+    seed: int = 0,
+) -> Path:
+    """write_conv_head_model at the width whose 640x640 cost is nearest target_gflops (about 8 by default:
+    width 24, 7.7 GFLOPs), so inference dominates the per-image work as with a real detector."""
+    best: tuple[float, int] | None = None
+    for width in range(8, 65):
+        cost = _conv_head_gflops_at_640(width)
+        if best is None or abs(cost - target_gflops) < abs(best[0] - target_gflops):
+            best = (cost, width)
+    assert best is not None
+    return write_conv_head_model(path, input_size=input_size, width=best[1], seed=seed)
+
+
+def _conv_head_gflops_at_640(width: int) -> float:
+    """The FLOPs of write_conv_head_model's convolutions for one 640x640 image, from its layer plan."""
+    side, channels, flops = 640, 3, 0
+    for stage in range(5):
+        out_channels = width * 2**stage
+        side //= 2
+        flops += 2 * 9 * channels * out_channels * side * side  # the stride-2 conv
+        flops += 2 * 9 * out_channels * out_channels * side * side  # the stride-1 conv
+        if stage >= 2:
+            flops += 2 * out_channels * 84 * side * side  # the 1x1 head, 4 + 80 rows
+        channels = out_channels
+    return flops / 1e9
+
+
+def conv_gflops(path: Path) -> float:
+    """FLOPs (2 per multiply-add) of every Conv of the model for one image, from inferred output shapes
+    (a convolution whose output size is symbolic or unknown counts as 0)."""
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {
+        info.name: [d.dim_value for d in info.type.tensor_type.shape.dim]
+        for info in [*model.graph.value_info, *model.graph.output]
+    }
+    weights = {tensor.name: tensor.dims for tensor in model.graph.initializer}
+    flops = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            kernel = int(np.prod(weights.get(node.input[1], [0])))  # out x in/groups x kh x kw
+            out_height, out_width = (shapes.get(node.output[0]) or [0, 0, 0, 0])[2:4]
+            flops += 2 * kernel * out_height * out_width
+    return flops / 1e9
 
 
 class _ConvBuilder:
