@@ -43,6 +43,7 @@ from shared.broker.aio import Broker
 from shared.management import Management
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_MANAGEMENT_URL, AdminSettings
 from shared.topology import QUEUE_BULK, QUEUE_INTAKE, QUEUE_REALTIME, QUEUE_RETRY_READY, Topology
+from tests.integration.consumer_support import consumer_process
 from tests.support.broker import override_policy
 from tests.support.frames import jpeg_bytes
 from tests.support.onnx_graphs import write_conv_head_model
@@ -137,24 +138,8 @@ async def consumer(
         decode_threads=1,
         consumer_id="overload-consumer",
     )
-    with log.open("ab") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "detfleet",
-            "consume",
-            "--model",
-            str(model),
-            env=env,
-            stdout=output,
-            stderr=output,
-        )
-    try:
+    async with consumer_process(model, env, log) as process:
         yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def produce(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import cv2
 import numpy as np
 
@@ -109,3 +112,38 @@ async def drain_queue(broker: Broker, queue: str = QUEUE_DLQ) -> list[Envelope]:
             found.append(delivery.envelope)
             await delivery.ack()
     return found
+
+
+async def row_count(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        count: int = await conn.fetchval("SELECT count(*) FROM detfleet_results")
+        return count
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def consumer_process(
+    model: Path, env: dict[str, str], log: Path, *args: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``detfleet consume`` in a subprocess logging to ``log``; killed on the way out if still running."""
+    with log.open("ab") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "detfleet",
+            "consume",
+            "--model",
+            str(model),
+            *args,
+            env=env,
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()

@@ -12,14 +12,12 @@ import contextlib
 import functools
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-import asyncpg
 import numpy as np
 import pika
 
@@ -32,11 +30,13 @@ from shared.settings import AdminSettings
 from shared.topology import EXCHANGE_FRAMES, QUEUE_BULK, QUEUE_DLQ, QUEUE_RETRY_READY
 from tests.integration.consumer_support import (
     RUN_TIMEOUT_S,
+    consumer_process,
     consumer_settings,
     drain_queue,
     jpeg,
     make_task,
     publish,
+    row_count,
     rows_by_id,
     run_until_idle,
     running,
@@ -61,15 +61,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, limit_s: f
     while not await check():
         assert time.monotonic() < deadline, f"gave up waiting until {what}"
         await asyncio.sleep(POLL_S)
-
-
-async def row_count(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        count: int = await conn.fetchval("SELECT count(*) FROM detfleet_results")
-        return count
-    finally:
-        await conn.close()
 
 
 async def publish_stream(broker: Broker, count: int) -> list[Task]:
@@ -109,32 +100,6 @@ def consumer_env(amqp_url: str, database_url: str, **settings: str) -> dict[str,
         "DETFLEET_LOG_JSON": "false",
     }
     return env | {f"DETFLEET_{name.upper()}": value for name, value in settings.items()}
-
-
-@contextlib.asynccontextmanager
-async def consumer_process(
-    model: Path, env: dict[str, str], log: Path, *args: str
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``detfleet consume`` in a subprocess logging to ``log``; killed on the way out if still running."""
-    with log.open("ab") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "detfleet",
-            "consume",
-            "--model",
-            str(model),
-            *args,
-            env=env,
-            stdout=output,
-            stderr=output,
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 async def exit_code(process: asyncio.subprocess.Process, log: Path) -> int:

@@ -42,7 +42,7 @@ from shared.topology import (
     QUEUE_REALTIME,
     QUEUE_RETRY_READY,
 )
-from tests.integration.consumer_support import RUN_TIMEOUT_S, consumer_settings
+from tests.integration.consumer_support import RUN_TIMEOUT_S, consumer_settings, row_count
 from tests.support.fuzz import CASE_HEADER, FuzzMessage, batches
 
 pytestmark = pytest.mark.integration
@@ -134,7 +134,7 @@ class Fuzzer:
 
     def _wait_for_rows(self, known: set[uuid.UUID], cases: dict[str, FuzzMessage]) -> list[dict[str, Any]]:
         deadline = time.monotonic() + WAIT_S
-        while (count := self.on_loop(_row_count(self.database_url))) < len(known) + len(cases):
+        while (count := self.on_loop(row_count(self.database_url))) < len(known) + len(cases):
             if time.monotonic() > deadline:
                 rows = self.on_loop(_rows(self.database_url))
                 missing = [m for m in cases.values() if m.task_id is not None and m.task_id not in rows]
@@ -241,15 +241,6 @@ def _text(value: Any) -> str:
 
 def _readable(reason: str | None) -> bool:
     return bool(reason) and reason is not None and reason.isprintable() and len(reason) <= MAX_REASON_CHARS
-
-
-async def _row_count(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        count: int = await conn.fetchval("SELECT count(*) FROM detfleet_results")
-        return count
-    finally:
-        await conn.close()
 
 
 async def _rows(database_url: str) -> dict[uuid.UUID, dict[str, Any]]:
