@@ -17,7 +17,7 @@ help:
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'  # bench too: lint type-checks bench/ against its peers
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,7 +58,6 @@ demo: setup
 # Every peer side by side on the same frames and machine: ceilings, Celery, a pika seed-style consumer and
 # detfleet, with the shipped and a compute-bound model; writes bench/results/ and docs/performance.md.
 bench: setup
-	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
 
 # The long reliability runs (make test runs short versions of each): a 10-minute chaos soak on a private
