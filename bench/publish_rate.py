@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,11 @@ import aio_pika
 import cv2
 import numpy as np
 
+from bench.publishing import CAMERA, SITE, detfleet_message
 from shared import admin
 from shared.management import Management
-from shared.schema import Task
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_MANAGEMENT_URL, AdminSettings
 from shared.topology import EXCHANGE_FRAMES, QUEUE_BULK
-
-SITE, CAMERA = "bench", "cam-1"
 
 
 def make_frames(folder: Path, count: int, target_bytes: int) -> list[bytes]:
@@ -83,7 +80,7 @@ async def run_bare(amqp_url: str, bodies: list[bytes], frames: int, in_flight: i
 
         async def publish(body: bytes) -> None:
             try:
-                await exchange.publish(bare_message(body), f"bulk.{SITE}.{CAMERA}", mandatory=True)
+                await exchange.publish(detfleet_message(body), f"bulk.{SITE}.{CAMERA}", mandatory=True)
             finally:
                 window.release()
 
@@ -96,27 +93,6 @@ async def run_bare(amqp_url: str, bodies: list[bytes], frames: int, in_flight: i
         return frames / (time.monotonic() - started)
     finally:
         await connection.close()
-
-
-def bare_message(body: bytes) -> aio_pika.Message:
-    """The message ``detfleet produce`` sends, built the shortest way: the same properties and headers."""
-    task = Task(
-        task_id=uuid.uuid4(),
-        lane="bulk",
-        site=SITE,
-        camera_id=CAMERA,
-        captured_at=datetime.now(UTC),
-        trace_id=uuid.uuid4().hex,
-        producer="bench",
-    )
-    return aio_pika.Message(
-        body,
-        headers=task.headers(),
-        message_id=str(task.task_id),
-        timestamp=datetime.now(UTC),
-        app_id="bench",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
 
 
 async def purge(api: Management, vhost: str) -> None:
