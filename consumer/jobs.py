@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,17 +17,28 @@ from consumer.detector.base import ModelInfo
 from consumer.outcomes import Action, BadInput, DroppedByBroker, Ok, Outcome, PastDeadline
 from consumer.sink import ResultRow
 from shared.broker.aio import Delivery
+from shared.broker.quarantine import QUARANTINE_HEADER
 from shared.errors import FrameRejectedError, TaskValidationError
 from shared.frames import inspect_frame
-from shared.schema import BROKER_DEATH_HEADERS, Envelope, Task
+from shared.schema import (
+    BROKER_DEATH_HEADERS,
+    DEAD_LETTER_HEADERS,
+    H_ATTEMPT,
+    H_CAMERA,
+    H_CAPTURED_AT,
+    H_SITE,
+    H_TRACE_ID,
+    LANES,
+    NAME_PATTERN,
+    Envelope,
+    Task,
+    parse_time,
+)
 from shared.topology import QUEUE_INTAKE
 
 # Names the result row of a message that carries no usable task id (see derived_task_id).
 DERIVED_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "detfleet:message-without-task-id")
-
-# Set on a message whose AMQP properties the client library could not decode, by the quarantine sweep
-# that moved a sanitised copy back into the worker's reach.
-QUARANTINE_HEADER = "x-detfleet-quarantined"
+_NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass
@@ -41,10 +53,21 @@ class Job:
     batch_started: datetime | None = None
     decode_ms: float | None = None
     inference_ms: float | None = None
+    marked: bool = False  # in progress in the attempts table (a redelivery): settling clears the mark
 
     @property
     def needs_inference(self) -> bool:
         return self.outcome is None
+
+    @property
+    def redelivered(self) -> bool:
+        """The broker handed this message out before: a consumer may have died with it in hand."""
+        return self.delivery.envelope.redelivered
+
+    @property
+    def task_id(self) -> uuid.UUID:
+        """The key of the message's row and of its DLQ entry (see :func:`task_id_of`)."""
+        return task_id_of(self.delivery.envelope, self.task)
 
     def held_for(self, now_mono: float) -> float:
         return now_mono - self.received_mono
@@ -94,12 +117,11 @@ def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def task_id_of(job: Job) -> uuid.UUID:
+def task_id_of(envelope: Envelope, task: Task | None) -> uuid.UUID:
     """The key of the message's row: the task id, else its message_id when that is a UUID at all, else
     :func:`derived_task_id`. Every message gets a row, so a bad one is never only a DLQ entry."""
-    if job.task is not None:
-        return job.task.task_id
-    envelope = job.delivery.envelope
+    if task is not None:
+        return task.task_id
     try:
         return uuid.UUID(str(envelope.message_id))
     except ValueError:
@@ -107,20 +129,69 @@ def task_id_of(job: Job) -> uuid.UUID:
 
 
 def derived_task_id(envelope: Envelope) -> uuid.UUID:
-    """A UUIDv5 of everything a message carries (body, routing key, properties, headers): the same for every
-    redelivery of it, so the sink absorbs them as redeliveries, and different for any other message.
+    """A UUIDv5 of what the message carries (body, routing key, properties, headers): the same on every
+    delivery of it and in its DLQ entry (whose message_id is set to it), different for any other message.
 
-    The broker's death headers are left out: the same message read back from the intake keeps its key.
+    What the broker and settling add or change is left out: death headers, the DLQ copy's headers and the
+    attempt (a replay resets it). The client never sees a message the quarantine sweep moves aside, only its
+    sanitised copy, whose id is as stable as any other message's.
     """
-    headers = sorted(
-        (repr(key), repr(value)) for key, value in envelope.headers.items() if key not in BROKER_DEATH_HEADERS
-    )
+    volatile = {*BROKER_DEATH_HEADERS, *DEAD_LETTER_HEADERS, H_ATTEMPT}
+    headers = sorted((repr(k), repr(v)) for k, v in envelope.headers.items() if k not in volatile)
     properties = (envelope.message_id, envelope.timestamp, envelope.app_id, envelope.content_type)
     digest = hashlib.sha256()
     for part in (envelope.routing_key, repr(properties), repr(headers)):
         digest.update(part.encode("utf-8", "backslashreplace") + b"\0")
     digest.update(envelope.body)
     return uuid.uuid5(DERIVED_ID_NAMESPACE, digest.hexdigest())
+
+
+@dataclass(frozen=True)
+class Readable:
+    """What a message off the contract still says validly: its failed row keeps it, so ops can tell which
+    camera sends bad frames. Each field is taken on its own; an invalid one is None."""
+
+    camera_id: str | None = None
+    site: str | None = None
+    lane: str | None = None
+    captured_at: datetime | None = None
+    trace_id: str | None = None
+    producer: str | None = None
+
+
+def readable_fields(envelope: Envelope) -> Readable:
+    """Camera and site from the headers, or the routing key where the headers are invalid; the lane from the
+    routing key; capture time, trace id and the producer's app_id where valid."""
+    parts = envelope.routing_key.split(".")
+    key = parts if len(parts) == 3 else [None, None, None]
+    headers = envelope.headers
+    return Readable(
+        camera_id=_name(headers.get(H_CAMERA)) or _name(key[2]),
+        site=_name(headers.get(H_SITE)) or _name(key[1]),
+        lane=key[0] if key[0] in LANES else None,
+        captured_at=_time(headers.get(H_CAPTURED_AT)),
+        trace_id=_short_text(headers.get(H_TRACE_ID), 128),
+        producer=_short_text(envelope.app_id, 255),
+    )
+
+
+def _name(value: object) -> str | None:
+    return value if isinstance(value, str) and _NAME.match(value) else None
+
+
+def _short_text(value: object, limit: int) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= limit and "\x00" not in value:
+        return value
+    return None
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
 
 
 def _ms(start: datetime | None, end: datetime) -> float | None:
@@ -133,16 +204,16 @@ def build_row(
     """The result row an action writes, or None for an action that writes none (retry, requeue)."""
     if action.status is None:
         return None
-    task_id = task_id_of(job)
     task, outcome = job.task, job.outcome
     ok = outcome if isinstance(outcome, Ok) else None
+    seen = task or readable_fields(job.delivery.envelope)
     published = task.published_at if task else None
     return ResultRow(
-        task_id=task_id,
-        camera_id=task.camera_id if task else None,
-        site=task.site if task else None,
-        lane=task.lane if task else None,
-        captured_at=task.captured_at if task else None,
+        task_id=job.task_id,
+        camera_id=seen.camera_id,
+        site=seen.site,
+        lane=seen.lane,
+        captured_at=seen.captured_at,
         received_at=job.received_at,
         completed_at=now,
         status=action.status,
@@ -155,10 +226,10 @@ def build_row(
         queue_wait_ms=_ms(published, job.batch_started or now),
         decode_ms=job.decode_ms,
         inference_ms=job.inference_ms,
-        sink_ms=None,
-        end_to_end_ms=_ms(task.captured_at if task else None, now),
+        end_to_end_ms=_ms(seen.captured_at, now) if task else None,
         image_width=ok.width if ok else None,
         image_height=ok.height if ok else None,
         detections=[d.to_json() for d in ok.detections] if ok else None,
-        trace_id=task.trace_id if task else None,
+        trace_id=seen.trace_id,
+        producer=seen.producer,
     )

@@ -28,6 +28,9 @@ class ConsumerMetrics:
         self.end_to_end = self._latency("end_to_end", "From capture to the committed row", r)
         self.in_flight = Gauge("detfleet_in_flight", "Messages held unacked", registry=r)
         self.ready = Gauge("detfleet_ready", "1 when the worker takes work", registry=r)
+        self.batch_limit = Gauge(
+            "detfleet_batch_limit", "Largest batch formed now (halved after out-of-memory)", registry=r
+        )
         self.model = Info("detfleet_model", "The loaded model", registry=r)
 
     @staticmethod

@@ -1,9 +1,11 @@
 """The Postgres sink: one transaction per batch, one row per task id, redeliveries absorbed.
 
-Upsert rules (DESIGN.md section 4): a new task inserts its row; an ``ok`` row is never overwritten (a bad
+Upsert rules (docs/message-flow.md): a new task inserts its row; an ``ok`` row is never overwritten (a bad
 message reusing a good task's id cannot erase it); a ``failed`` or ``shed`` row becomes ``ok`` when a replay
-succeeds. Every conflicting write counts one absorbed redelivery on the row, and the write reports the
-status and reason of each row it left as it was (the worker still owes a ``failed`` row its DLQ entry).
+succeeds. Every conflicting write counts one absorbed redelivery on the row. Before settling, the consumer
+reads what the sink holds for the batch's task ids (:meth:`Sink.stored`), and after a DLQ copy is
+confirmed it records that on the row (:meth:`Sink.record_dead_lettered`). The attempts table marks
+redelivered tasks in progress (:meth:`Sink.mark_started`), the crash-loop guard.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from consumer.outcomes import Stored
 from shared.errors import DatabaseError
 from shared.settings import mask_url
 
@@ -32,28 +35,29 @@ class SinkUnavailableError(DatabaseError):
 @dataclass(frozen=True)
 class ResultRow:
     task_id: uuid.UUID
-    camera_id: str | None
-    site: str | None
-    lane: str | None
-    captured_at: datetime | None
     received_at: datetime
     completed_at: datetime
     status: str
-    reason: str | None
-    attempt: int
     consumer_id: str
-    model_name: str | None
-    model_sha256: str | None
-    provider: str | None
-    queue_wait_ms: float | None
-    decode_ms: float | None
-    inference_ms: float | None
-    sink_ms: float | None
-    end_to_end_ms: float | None
-    image_width: int | None
-    image_height: int | None
-    detections: list[dict[str, Any]] | None
-    trace_id: str | None
+    reason: str | None = None
+    camera_id: str | None = None
+    site: str | None = None
+    lane: str | None = None
+    captured_at: datetime | None = None
+    attempt: int = 1
+    model_name: str | None = None
+    model_sha256: str | None = None
+    provider: str | None = None
+    queue_wait_ms: float | None = None
+    decode_ms: float | None = None
+    inference_ms: float | None = None
+    sink_ms: float | None = None
+    end_to_end_ms: float | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+    detections: list[dict[str, Any]] | None = None
+    trace_id: str | None = None
+    producer: str | None = None
     redeliveries: int = 0
 
 
@@ -83,7 +87,23 @@ RETURNING task_id, (xmax <> 0) AS replaced
 _COUNT_REDELIVERIES = """
 UPDATE detfleet_results AS r SET redeliveries = r.redeliveries + c.n
 FROM unnest($1::uuid[], $2::int4[]) AS c(task_id, n) WHERE r.task_id = c.task_id
-RETURNING r.task_id, r.status, r.reason
+"""
+_STORED = """
+SELECT task_id, status, reason, dlq_confirmed_at IS NOT NULL AS dead_lettered
+FROM detfleet_results WHERE task_id = ANY($1::uuid[])
+"""
+_FINISHED = "DELETE FROM detfleet_attempts WHERE task_id = ANY($1::uuid[])"
+_MARK_STARTED = """
+INSERT INTO detfleet_attempts (task_id, starts, last_consumer_id) VALUES ($1, 1, $2)
+ON CONFLICT (task_id) DO UPDATE SET
+    starts = detfleet_attempts.starts + 1,
+    last_started_at = now(),
+    last_consumer_id = EXCLUDED.last_consumer_id
+RETURNING starts - 1
+"""
+_RECORD_DEAD_LETTERED = """
+UPDATE detfleet_results SET dlq_confirmed_at = now()
+WHERE task_id = ANY($1::uuid[]) AND status = 'failed' AND dlq_confirmed_at IS NULL
 """
 _UNAVAILABLE = (
     OSError,
@@ -97,20 +117,11 @@ _UNAVAILABLE = (
 
 
 @dataclass(frozen=True)
-class StoredRow:
-    """A row the write left as it was (an earlier delivery of the task wrote it)."""
-
-    status: str
-    reason: str | None
-
-
-@dataclass(frozen=True)
 class WriteReport:
     inserted: int
     replaced: int
     absorbed: int
     seconds: float
-    kept: dict[uuid.UUID, StoredRow] = field(default_factory=dict)
 
 
 def _columns(rows: Sequence[ResultRow]) -> list[list[Any]]:
@@ -145,31 +156,50 @@ class Sink:
             return False
         return True
 
-    async def write(self, rows: Sequence[ResultRow]) -> WriteReport:
-        """Upsert ``rows`` in one transaction, or raise :class:`SinkUnavailableError` with nothing written."""
+    async def stored(self, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Stored]:
+        """What the sink holds for each of ``task_ids`` that has a row."""
+        try:
+            records = await self._pool.fetch(_STORED, list(task_ids), timeout=10)
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
+            raise SinkUnavailableError(f"reading {len(task_ids)} rows failed: {error!r}") from error
+        return {r["task_id"]: Stored(r["status"], r["reason"], r["dead_lettered"]) for r in records}
+
+    async def mark_started(self, task_id: uuid.UUID, consumer_id: str) -> int:
+        """Mark a task in progress; returns how many earlier starts of it never finished."""
+        try:
+            unfinished: int = await self._pool.fetchval(_MARK_STARTED, task_id, consumer_id, timeout=10)
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
+            raise SinkUnavailableError(f"marking {task_id} started failed: {error!r}") from error
+        return unfinished
+
+    async def write(self, rows: Sequence[ResultRow], finished: Sequence[uuid.UUID] = ()) -> WriteReport:
+        """Upsert ``rows`` and clear the in-progress marks of ``finished`` in one transaction, or raise
+        :class:`SinkUnavailableError` with nothing written."""
         started = time.perf_counter()
         unique = _one_per_task(rows)
         try:
             async with self._pool.acquire(timeout=10) as conn, conn.transaction():
-                written = await conn.fetch(_UPSERT, *_columns(unique))
+                written = await conn.fetch(_UPSERT, *_columns(unique)) if unique else []
                 taken = {w["task_id"] for w in written}
                 kept = [r for r in unique if r.task_id not in taken]  # an ok row stays as it is
-                stored = []
                 if kept:
-                    stored = await conn.fetch(
+                    await conn.execute(
                         _COUNT_REDELIVERIES, [r.task_id for r in kept], [r.redeliveries + 1 for r in kept]
                     )
+                if finished:
+                    await conn.execute(_FINISHED, list(finished))
         except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
             raise SinkUnavailableError(f"writing {len(rows)} rows failed: {error!r}") from error
         replaced = sum(1 for w in written if w["replaced"])
         absorbed = len(rows) - len(written) + replaced
-        return WriteReport(
-            len(written) - replaced,
-            replaced,
-            absorbed,
-            time.perf_counter() - started,
-            {s["task_id"]: StoredRow(s["status"], s["reason"]) for s in stored},
-        )
+        return WriteReport(len(written) - replaced, replaced, absorbed, time.perf_counter() - started)
+
+    async def record_dead_lettered(self, task_ids: Sequence[uuid.UUID]) -> None:
+        """Note on each failed row that its DLQ copy was confirmed."""
+        try:
+            await self._pool.execute(_RECORD_DEAD_LETTERED, list(task_ids), timeout=10)
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
+            raise SinkUnavailableError(f"recording {len(task_ids)} DLQ copies failed: {error!r}") from error
 
     async def fetch_rows(self, task_ids: Sequence[uuid.UUID] | None = None) -> list[dict[str, Any]]:
         """Rows as dicts (tests, demo and tools)."""

@@ -170,6 +170,12 @@ class ConsumerSettings(TopologySettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 lets it choose")
     decode_threads: int = Field(2, gt=0, description="Threads decoding frames")
     max_retries: int = Field(3, ge=0, description="Retries of a transient failure before the DLQ")
+    max_crashes: int = Field(
+        2, ge=1, description="Unfinished starts of a redelivered task before it is failed unrun"
+    )
+    oom_cooldown_s: float = Field(
+        30.0, gt=0, description="After an out-of-memory batch: how long the halved batch limit holds"
+    )
     max_hold_s: float = Field(300.0, gt=0, description="Longest a message is held unacked")
     shutdown_grace_s: float = Field(20.0, gt=0, description="SIGTERM: time to finish the batch in flight")
     health_port: int = Field(8080, ge=0, le=65535, description="/livez, /readyz, /metrics; 0 disables")

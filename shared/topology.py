@@ -22,6 +22,8 @@ QUEUE_BULK = "detfleet.bulk"
 QUEUE_INTAKE = "detfleet.intake"
 QUEUE_RETRY_READY = "detfleet.retry.ready"
 QUEUE_DLQ = "detfleet.dlq"
+# What a consumer takes work from, realtime first: the lanes, returning retries, and the broker's drops.
+WORK_QUEUES = (QUEUE_REALTIME, QUEUE_BULK, QUEUE_RETRY_READY, QUEUE_INTAKE)
 # The exchanges that feed the intake, the retry return path and the DLQ are fanouts named after their
 # queue: a fanout keeps the original routing key, which dead-lettering then preserves too.
 EXCHANGE_INTAKE = QUEUE_INTAKE

@@ -175,7 +175,8 @@ class Broker:
 
     @property
     def is_closed(self) -> bool:
-        return bool(self._connection.is_closed)
+        """True once the connection or its publishing channel is gone (either makes it useless)."""
+        return bool(self._connection.is_closed or self._publish_channel.is_closed)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

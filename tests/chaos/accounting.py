@@ -1,10 +1,10 @@
 """The soak's accounting: what the producers had confirmed against the rows and DLQ entries that exist.
 
-The promise under test (DESIGN.md section 3): a task the broker confirmed ends with exactly one row,
-``ok``, ``failed`` (with its DLQ entry) or ``shed`` (realtime only), whatever failed on the way. The
-primary key makes a second row impossible, so the checks are: no confirmed task without a row, no row for
-a task nobody published, every ``failed`` row has a DLQ entry carrying a reason, and nothing on the bulk
-lane was shed.
+The promise under test (docs/reliability.md): a task the broker confirmed ends with exactly one row,
+``ok``, ``failed`` (with exactly one DLQ entry) or ``shed`` (realtime only), whatever failed on the way.
+The primary key makes a second row impossible, so the checks are: no confirmed task without a row, no row
+for a task nobody published, every ``failed`` row has one DLQ entry carrying a reason and no task has two,
+and nothing on the bulk lane was shed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+# A kill this soon after a DLQ copy was made can land between its confirm and the row's record of it.
+KILL_WINDOW = timedelta(seconds=2)
 
 
 @dataclass
@@ -47,6 +51,24 @@ class Row:
 class DlqEntry:
     task_id: uuid.UUID | None
     reason: str | None
+    failed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Unsure:
+    """Where a second DLQ copy is allowed (docs/message-flow.md): a copy whose confirm a cut or a restart
+    swallowed, or whose record did not commit (from the replicas' logs), and any copy made just before a
+    replica was killed."""
+
+    copies: frozenset[uuid.UUID] = frozenset()
+    kills: tuple[datetime, ...] = ()
+
+    def excuses(self, entries: list[DlqEntry]) -> bool:
+        task_id = entries[0].task_id
+        if task_id in self.copies:
+            return True
+        made = [e.failed_at for e in entries if e.failed_at is not None]
+        return any(m <= kill <= m + KILL_WINDOW for m in made for kill in self.kills)
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ class Account:
     dlq_without_reason: int
     dlq_entries: int
     duplicate_dlq_entries: int
+    unexplained_duplicates: list[uuid.UUID]  # a second DLQ entry outside the windows the docs name
     redeliveries_absorbed: int
 
     @property
@@ -75,6 +98,7 @@ class Account:
             or self.shed_on_bulk
             or self.bad_frames_not_failed
             or self.dlq_without_reason
+            or self.unexplained_duplicates
         )
 
     def problems(self) -> list[str]:
@@ -85,13 +109,19 @@ class Account:
             "bulk tasks shed": len(self.shed_on_bulk),
             "undecodable frames not failed": len(self.bad_frames_not_failed),
             "DLQ entries without x-detfleet-reason": self.dlq_without_reason,
+            "second DLQ entries outside the documented windows": len(self.unexplained_duplicates),
         }
         return [f"{name}: {count}" for name, count in found.items() if count]
 
 
-def account(ledger: Ledger, rows: list[Row], dlq: list[DlqEntry]) -> Account:
+def account(ledger: Ledger, rows: list[Row], dlq: list[DlqEntry], unsure: Unsure | None = None) -> Account:
     by_id = {r.task_id: r for r in rows}
     in_dlq = Counter(e.task_id for e in dlq if e.task_id is not None)
+    entries_of: dict[uuid.UUID, list[DlqEntry]] = {}
+    for entry in dlq:
+        if entry.task_id is not None:
+            entries_of.setdefault(entry.task_id, []).append(entry)
+    unsure = unsure or Unsure()
     lane_of = ledger.confirmed
     return Account(
         confirmed=len(lane_of),
@@ -109,5 +139,8 @@ def account(ledger: Ledger, rows: list[Row], dlq: list[DlqEntry]) -> Account:
         dlq_without_reason=sum(1 for e in dlq if not e.reason),
         dlq_entries=len(dlq),
         duplicate_dlq_entries=sum(n - 1 for n in in_dlq.values()),
+        unexplained_duplicates=sorted(
+            t for t, entries in entries_of.items() if len(entries) > 1 and not unsure.excuses(entries)
+        ),
         redeliveries_absorbed=sum(r.redeliveries for r in rows),
     )

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
 import asyncpg
 import psutil
 from rich.console import Console
@@ -43,7 +45,7 @@ from producer.publisher import AsyncPublisher
 from shared import admin, db
 from shared.broker.aio import Broker
 from shared.errors import BrokerError, DetfleetError
-from shared.schema import H_REASON, deterministic_task_id
+from shared.schema import H_FAILED_AT, H_REASON, deterministic_task_id, parse_time
 from shared.settings import AdminSettings, Lane, ProducerSettings, shipped_model_path
 from shared.topology import (
     QUEUE_BULK,
@@ -53,7 +55,7 @@ from shared.topology import (
     QUEUE_RETRY_READY,
     Topology,
 )
-from tests.chaos.accounting import Account, DlqEntry, Ledger, Row, account
+from tests.chaos.accounting import Account, DlqEntry, Ledger, Row, Unsure, account
 from tests.chaos.nodes import PrivateServers, free_port
 from tests.support.frames import jpeg_bytes
 from tests.support.onnx_graphs import write_bright_square_model
@@ -71,6 +73,8 @@ CHAOS_KINDS = (
 )
 # Relative weights of the events drawn after each kind has happened once: restarts cost the most time.
 CHAOS_WEIGHTS = (3.0, 3.0, 3.0, 1.0, 1.5)
+AIM_S = 3.0  # how long a kill or a cut waits for a replica that holds deliveries
+_PROBE = aiohttp.ClientTimeout(total=1.0)
 FRAME_SIZE = (320, 240)
 DISTINCT_FRAMES = 24
 SITE = "soak"
@@ -116,6 +120,7 @@ class SoakReport:
     refused: Counter[str]
     drained: bool
     seconds: float
+    aimed: int = 0  # kills and cuts that landed on a replica holding deliveries
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -173,6 +178,19 @@ class Replica:
         )
         self.starts += 1
 
+    async def held(self) -> int:
+        """Deliveries the replica holds unacked now (``detfleet_in_flight``); 0 when it does not answer."""
+        url = f"http://127.0.0.1:{self.env['DETFLEET_HEALTH_PORT']}/metrics"
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url, timeout=_PROBE) as response:
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return 0
+        for line in text.splitlines():
+            if line.startswith("detfleet_in_flight "):
+                return int(float(line.split()[1]))
+        return 0
+
     def kill(self) -> None:
         """kill -9, as a node failure would."""
         if self.process is not None and self.process.poll() is None:
@@ -217,6 +235,17 @@ class Replica:
             1 for line in text.splitlines() if '"level": "ERROR"' in line and '"logger": "aio' not in line
         )
 
+    def unsure_copies(self) -> set[uuid.UUID]:
+        """Task ids whose DLQ copy this replica could not confirm or record: a second copy may follow."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        found: set[uuid.UUID] = set()
+        for line in text.splitlines():
+            if "Could not publish the" not in line and "Could not record the DLQ copy" not in line:
+                continue
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                found.add(uuid.UUID(json.loads(line).get("task_id")))
+        return found
+
     def log_tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
@@ -245,6 +274,8 @@ class Soak:
         self.replicas: list[Replica] = []
         self.links: list[Link] = []
         self.notes: list[str] = []
+        self.aimed = 0  # kills and cuts that landed on a replica holding deliveries
+        self.kills: list[datetime] = []
         self._monitoring = True
         self._restarting = {"rabbitmq": asyncio.Lock(), "postgres": asyncio.Lock()}
 
@@ -271,7 +302,8 @@ class Soak:
             self._monitoring = False
             await monitor
             stop_codes = await self._stop_fleet()
-        account_ = account(self.ledger, await self._rows(), await self._dlq())
+        unsure = Unsure(frozenset().union(*(r.unsure_copies() for r in self.replicas)), tuple(self.kills))
+        account_ = account(self.ledger, await self._rows(), await self._dlq(), unsure)
         return SoakReport(
             config=self.config,
             account=account_,
@@ -283,6 +315,7 @@ class Soak:
             refused=self.ledger.unconfirmed,
             drained=drained,
             seconds=time.monotonic() - started,
+            aimed=self.aimed,
             notes=self.notes,
         )
 
@@ -430,9 +463,24 @@ class Soak:
             self.chaos[kind] += 1
         await asyncio.gather(*strikes)
 
+    async def _busy_replica(self) -> int:
+        """A replica holding deliveries now, so a kill or a cut lands on batches in flight (what the
+        promises are about); polled for up to :data:`AIM_S`, else any replica."""
+        deadline = time.monotonic() + AIM_S
+        while time.monotonic() < deadline:
+            held = [await replica.held() for replica in self.replicas]
+            busy = [i for i, n in enumerate(held) if n > 0]
+            if busy:
+                self.aimed += 1
+                return self.rng.choice(busy)
+            await asyncio.sleep(0.05)
+        return self.rng.randrange(len(self.replicas))
+
     async def _strike(self, kind: str) -> None:
-        index = self.rng.randrange(len(self.replicas))
+        aimed = kind in ("kill_replica", "cut_broker_link", "cut_database_link")
+        index = await self._busy_replica() if aimed else self.rng.randrange(len(self.replicas))
         if kind == "kill_replica":
+            self.kills.append(datetime.now(UTC))
             self.replicas[index].kill()
             self.replicas[index].start()
         elif kind == "cut_broker_link":
@@ -505,8 +553,13 @@ class Soak:
                 while (delivery := await reader.get(timeout=5)) is not None:
                     envelope = delivery.envelope
                     reason = envelope.headers.get(H_REASON)
+                    failed_at = envelope.headers.get(H_FAILED_AT)
                     entries.append(
-                        DlqEntry(_uuid_or_none(envelope.message_id), str(reason) if reason else None)
+                        DlqEntry(
+                            _uuid_or_none(envelope.message_id),
+                            str(reason) if reason else None,
+                            parse_time(str(failed_at)) if failed_at else None,
+                        )
                     )
                     await delivery.ack()
         finally:
@@ -547,8 +600,10 @@ def report_table(report: SoakReport) -> Table:
         ("bulk tasks shed", len(acc.shed_on_bulk)),
         ("DLQ entries", acc.dlq_entries),
         ("duplicate DLQ entries", acc.duplicate_dlq_entries),
+        ("  outside the documented windows", len(acc.unexplained_duplicates)),
         ("redeliveries absorbed", acc.redeliveries_absorbed),
         *((f"chaos: {kind}", report.chaos[kind]) for kind in CHAOS_KINDS),
+        ("kills and cuts that hit held batches", report.aimed),
         ("consumer crashes", len(report.crashes)),
         *((f"graceful stop of {name}", code) for name, code in report.stop_codes.items()),
         *((f"errors logged by {name}", n) for name, n in report.errors_logged.items()),

@@ -303,7 +303,11 @@ async def test_a_batch_in_flight_through_a_postgres_outage_is_acked_on_its_own_c
     broker: Broker, topology_settings: AdminSettings, results_db: str
 ) -> None:
     """The resume opens new channels whose delivery tags start at 1 again, while a batch stuck in inference
-    still holds tag 2 of the old one: its ack must go to the old channel, and acks nothing else."""
+    still holds tag 2 of the old one: its ack must go to the old channel, and acks nothing else.
+
+    Each step waits on the event it needs, never on the scheduler: the first frame's inference is done and
+    its write stalls in a paused link before the stuck frame is published; the stuck frame is in inference
+    before the link is cut, which fails the first frame's write and pauses the worker."""
     detector = HeldDetector(hold_if=lambda image: float(image.mean()) > 250)
     port = free_port()
     async with TcpProxy(port=POSTGRES_PORT) as postgres:
@@ -319,11 +323,15 @@ async def test_a_batch_in_flight_through_a_postgres_outage_is_acked_on_its_own_c
         run = asyncio.create_task(worker.run())
         try:
             await wait_for_status(port, "/readyz", 200)
-            postgres.refuse_new = True
-            postgres.cut()
             first, stuck = make_task(), make_task()
-            await publish(broker, first, jpeg(1))  # tag 1: its write fails and the worker pauses
+            postgres.pause()  # the first frame's write waits in the link
+            await publish(broker, first, jpeg(1))  # tag 1
+            assert await asyncio.to_thread(detector.passed.wait, WAIT_S), "the first frame was inferred"
             await publish(broker, stuck, white_jpeg())  # tag 2: stays in inference until released
+            assert await asyncio.to_thread(detector.started.wait, WAIT_S), "the stuck frame reached inference"
+            postgres.refuse_new = True
+            postgres.cut()  # the first frame's write fails: the worker pauses
+            postgres.resume()
             await eventually(
                 lambda: _paused_holding_the_stuck_batch(broker, worker, detector),
                 "the worker paused, holding only the stuck batch",
@@ -424,12 +432,17 @@ class HeldDetector(FakeDetector):
         self.hold_if = hold_if
         self.started = threading.Event()
         self.release = threading.Event()
+        self.passed = threading.Event()  # a batch without a held image was inferred
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        if any(self.hold_if(image) for image in images):
+        held = any(self.hold_if(image) for image in images)
+        if held:
             self.started.set()
             assert self.release.wait(WAIT_S)
-        return super().detect(images)
+        found = super().detect(images)
+        if not held:
+            self.passed.set()
+        return found
 
 
 async def test_messages_waiting_behind_a_stuck_batch_go_back_to_the_broker_after_max_hold(

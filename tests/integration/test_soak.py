@@ -28,3 +28,5 @@ async def test_every_confirmed_task_ends_with_one_row_whatever_fails() -> None:
     assert report.account.rows_by_status.get("ok", 0) > 0
     assert report.account.rows_by_status.get("failed", 0) > 0, "the undecodable frames end as failed"
     assert all(report.chaos[kind] >= 1 for kind in CHAOS_KINDS), report.chaos
+    assert report.aimed >= 1, "no kill or cut landed while a replica held deliveries"
+    assert report.account.unexplained_duplicates == []
