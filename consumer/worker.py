@@ -19,11 +19,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
 from consumer.acker import Acker
-from consumer.decode import decode_image
-from consumer.detector.base import Detection, Detector, InferenceError
+from consumer.decode import decode_frame
+from consumer.detector.base import DecodedFrame, Detection, Detector, InferenceError
 from consumer.health import HealthState, start_health_server
 from consumer.jobs import Job, admit, build_row, check_deadline, task_id_of
 from consumer.metrics import ConsumerMetrics
@@ -341,17 +339,21 @@ class Worker:
     async def _decode(self, jobs: Sequence[Job]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        images = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, decode_image, j.delivery.envelope.body) for j in jobs)
+        input_size = self.detector.info.input_size
+        frames = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._decode_pool, decode_frame, j.delivery.envelope.body, input_size)
+                for j in jobs
+            )
         )
         elapsed = time.perf_counter() - started
         self.metrics.decode.observe(elapsed)
-        for job, image in zip(jobs, images, strict=True):
+        for job, frame in zip(jobs, frames, strict=True):
             job.decode_ms = elapsed * 1000
-            if isinstance(image, str):
-                job.outcome = BadInput(image)
+            if isinstance(frame, str):
+                job.outcome = BadInput(frame)
             else:
-                job.image = image
+                job.image = frame
 
     async def _infer(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -383,8 +385,8 @@ class Worker:
                 + await self._infer_isolating(jobs[:middle])
                 + await self._infer_isolating(jobs[middle:])
             )
-        for job, detections, image in zip(jobs, results, images, strict=True):
-            job.outcome = Ok(tuple(detections), int(image.shape[1]), int(image.shape[0]))
+        for job, detections, frame in zip(jobs, results, images, strict=True):
+            job.outcome = Ok(tuple(detections), *frame.source_size)
         return seconds
 
     # ---- settling -----------------------------------------------------------------------------------
@@ -580,7 +582,7 @@ def _keep_failed_promise(job: Job, action: Action, kept: dict[uuid.UUID, StoredR
     return replace(action, dead_letter=True, reason=stored.reason or action.reason or "failed")
 
 
-def _timed(detector: Detector, images: list[np.ndarray]) -> tuple[list[list[Detection]], float]:
+def _timed(detector: Detector, images: list[DecodedFrame]) -> tuple[list[list[Detection]], float]:
     """Runs in the inference thread, so the time excludes waiting for the batch ahead."""
     started = time.perf_counter()
     results = detector.detect(images)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pika
 
-from consumer.detector.base import Detection
+from consumer.detector.base import DecodedFrame, Detection
 from consumer.detector.fake import FakeDetector
 from consumer.worker import Worker
 from shared.broker.aio import Broker, Delivery
@@ -425,11 +425,11 @@ class HeldDetector(FakeDetector):
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        if any(self.hold_if(image) for image in images):
+    def detect(self, frames: Sequence[DecodedFrame]) -> list[list[Detection]]:
+        if any(self.hold_if(frame.pixels) for frame in frames):
             self.started.set()
             assert self.release.wait(WAIT_S)
-        return super().detect(images)
+        return super().detect(frames)
 
 
 async def test_messages_waiting_behind_a_stuck_batch_go_back_to_the_broker_after_max_hold(
