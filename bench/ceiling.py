@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from bench.common import BenchEnv, ResourceSampler, held_ms, latency_summary, rate_from_rows
 from bench.publishing import PLAIN_QUEUE, publish
-from consumer.decode import decode_image
+from consumer.decode import decode_frame
 from consumer.detector import DetectorConfig, load_detector
 from consumer.detector.base import Detection, Detector
 from consumer.sink import ResultRow, Sink
@@ -68,6 +68,7 @@ async def _pipeline(
     env: BenchEnv, detector: Detector, bodies: Sequence[bytes], count: int, batch: int
 ) -> None:
     loop = asyncio.get_running_loop()
+    input_size = detector.info.input_size
     decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
     infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
     slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
@@ -78,10 +79,10 @@ async def _pipeline(
             started = datetime.now(UTC)
             chunk = [bodies[i % len(bodies)] for i in range(start, min(start + batch, count))]
             decoded = await asyncio.gather(
-                *(loop.run_in_executor(decode_pool, decode_image, b) for b in chunk)
+                *(loop.run_in_executor(decode_pool, decode_frame, b, input_size) for b in chunk)
             )
-            images = [image for image in decoded if not isinstance(image, str)]  # the bench's all decode
-            results = await loop.run_in_executor(infer_pool, detector.detect, images)
+            frames = [frame for frame in decoded if not isinstance(frame, str)]  # the bench's all decode
+            results = await loop.run_in_executor(infer_pool, detector.detect, frames)
             done = datetime.now(UTC)
             await sink.write([_row(start + i, started, done, r) for i, r in enumerate(results)])
         finally:

@@ -16,12 +16,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from consumer.detector import Detector, DetectorConfig, load_detector
+from consumer.detector import DecodedFrame, Detector, DetectorConfig, load_detector
 from consumer.detector.preprocess import InputBuffer
 from tests.support.onnx_graphs import write_conv_head_model
+
+T = TypeVar("T")  # a batch item: an image or a decoded frame
 
 
 def _arguments() -> argparse.Namespace:
@@ -49,9 +52,7 @@ def frames(count: int, width: int, height: int) -> list[np.ndarray]:
     return images
 
 
-def images_per_second(
-    run: Callable[[list[np.ndarray]], object], batch: list[np.ndarray], min_images: int
-) -> float:
+def images_per_second(run: Callable[[list[T]], object], batch: list[T], min_images: int) -> float:
     rounds = max(1, -(-min_images // len(batch)))
     started = time.perf_counter()
     for _ in range(rounds):
@@ -66,8 +67,9 @@ def measure(detector: Detector, sizes: list[int], frame: tuple[int, int], min_im
     print(f"{'batch':>5} {'detect img/s':>13} {'preprocess img/s':>17}")
     for size in sizes:
         batch = frames(size, *frame)
-        detector.detect(batch)  # first run at this size: allocations, and kernel choice on CUDA
-        total = images_per_second(detector.detect, batch, min_images)
+        decoded = [DecodedFrame.of(image) for image in batch]
+        detector.detect(decoded)  # first run at this size: allocations, and kernel choice on CUDA
+        total = images_per_second(detector.detect, decoded, min_images)
         prepare = images_per_second(InputBuffer(info.input_size).fill, batch, min_images)
         print(f"{size:>5} {total:>13.1f} {prepare:>17.1f}")
 

@@ -1,9 +1,7 @@
 """Prototypes of per-message savings in the consumer, measured here before any change is made there.
 
-- reduced-scale decode: when the model input is at most half the frame (a 320x320 model, 640x480 frames),
-  ``cv2.IMREAD_REDUCED_COLOR_2`` lets libjpeg skip half the IDCT work and the letterbox has nothing left to
-  resize; boxes then come back in half-scale pixels and are multiplied by 2 (exactly: the frame's size over
-  the reduced image's size, per axis);
+- reduced-scale decode, now done (consumer/decode.py): the figures of bench/decode_scale.py's decode and
+  letterbox part, kept here so ``make bench`` reports them beside the others;
 - the sink: one ``INSERT ... SELECT unnest(...) ON CONFLICT`` per batch (what consumer/sink.py does) against
   COPY into a temporary table followed by the same upsert from it, and a bare COPY (no conflict handling,
   the floor);
@@ -24,62 +22,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import cv2
-import numpy as np
 
 from bench.common import BenchEnv, ResourceSampler
+from bench.decode_scale import decode_letterbox
 from bench.publishing import PLAIN_QUEUE, publish
-from consumer.decode import decode_image
-from consumer.detector.preprocess import InputBuffer, to_bgr8
 from consumer.sink import _UPSERT, COLUMNS, ResultRow, _columns
 from shared import db
 from shared.settings import DEFAULT_DATABASE_URL
 
-CANVAS = (320, 320)
-
-
-def decode_full(body: bytes) -> np.ndarray:
-    image = decode_image(body)
-    assert not isinstance(image, str)
-    return image
-
-
-def decode_reduced(body: bytes) -> np.ndarray:
-    """What consumer/decode.py would do for a model input at most half the frame on both axes."""
-    image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
-    if image is None:
-        raise ValueError("OpenCV could not decode the frame")
-    return to_bgr8(np.asarray(image))
-
-
-def _per_frame_ms(decode: Any, bodies: Sequence[bytes], rounds: int) -> float:
-    buffer = InputBuffer(CANVAS)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        for body in bodies:
-            buffer.fill([decode(body)])
-    return (time.perf_counter() - started) * 1000 / (rounds * len(bodies))
+CANVAS = (320, 320)  # the shipped model's input
 
 
 def reduced_decode(bodies: Sequence[bytes], rounds: int) -> dict[str, Any]:
-    """Decode + letterbox to 320x320, one thread, per frame: full decode against reduced decode."""
-    full = _per_frame_ms(decode_full, bodies, rounds)
-    reduced = _per_frame_ms(decode_reduced, bodies, rounds)
-    difference = _mean_abs_difference(bodies[0])
-    return {
-        "canvas": f"{CANVAS[0]}x{CANVAS[1]}",
-        "full_decode_letterbox_ms": round(full, 3),
-        "reduced_decode_letterbox_ms": round(reduced, 3),
-        "saving": round(1 - reduced / full, 3),
-        "input_mean_abs_difference_0_255": round(difference, 2),
-    }
-
-
-def _mean_abs_difference(body: bytes) -> float:
-    """How far apart the two model inputs are (0-255 scale): the reduced path is not bit-identical."""
-    full, _ = InputBuffer(CANVAS).fill([decode_full(body)])
-    reduced, _ = InputBuffer(CANVAS).fill([decode_reduced(body)])
-    return float(np.abs(full - reduced).mean() * 255)
+    """Decode + letterbox into the shipped model's input, one thread, per frame: before and after."""
+    return decode_letterbox(bodies, CANVAS, rounds)
 
 
 _COPY_UPSERT = f"""

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
 from consumer.acker import Acker
-from consumer.detector.base import ModelInfo
+from consumer.detector.base import DecodedFrame, ModelInfo
 from consumer.outcomes import Action, BadInput, DroppedByBroker, Ok, Outcome, PastDeadline
 from consumer.sink import ResultRow
 from shared.broker.aio import Delivery
@@ -49,7 +47,7 @@ class Job:
     received_mono: float = field(default_factory=time.monotonic)
     task: Task | None = None
     outcome: Outcome | None = None
-    image: np.ndarray | None = None
+    image: DecodedFrame | None = None
     batch_started: datetime | None = None
     decode_ms: float | None = None
     inference_ms: float | None = None

@@ -15,10 +15,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from consumer.decode import decode_image
-from consumer.detector.base import Detection, Detector, InferenceError
+from consumer.decode import decode_frame
+from consumer.detector.base import DecodedFrame, Detection, Detector, InferenceError
 from consumer.jobs import Job
 from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import BadInput, Ok, OutOfMemory, Transient
@@ -76,17 +74,21 @@ class Pipeline:
     async def _decode(self, jobs: Sequence[Job]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        images = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, decode_image, j.delivery.envelope.body) for j in jobs)
+        size = self.detector.info.input_size
+        frames = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._decode_pool, decode_frame, j.delivery.envelope.body, size)
+                for j in jobs
+            )
         )
         elapsed = time.perf_counter() - started
         self._metrics.decode.observe(elapsed)
-        for job, image in zip(jobs, images, strict=True):
+        for job, frame in zip(jobs, frames, strict=True):
             job.decode_ms = elapsed * 1000
-            if isinstance(image, str):
-                job.outcome = BadInput(image)
+            if isinstance(frame, str):
+                job.outcome = BadInput(frame)
             else:
-                job.image = image
+                job.image = frame
 
     async def _infer(self, jobs: list[Job], report: Inferred) -> float:
         """Infer ``jobs``, splitting them on failure; returns the seconds spent in the runtime."""
@@ -107,12 +109,12 @@ class Pipeline:
                 return spent
             middle = len(jobs) // 2
             return spent + await self._infer(jobs[:middle], report) + await self._infer(jobs[middle:], report)
-        for job, detections, image in zip(jobs, results, images, strict=True):
-            job.outcome = Ok(tuple(detections), int(image.shape[1]), int(image.shape[0]))
+        for job, detections, frame in zip(jobs, results, images, strict=True):
+            job.outcome = Ok(tuple(detections), *frame.source_size)
         return seconds
 
 
-def _timed(detector: Detector, images: list[np.ndarray]) -> tuple[list[list[Detection]], float]:
+def _timed(detector: Detector, images: list[DecodedFrame]) -> tuple[list[list[Detection]], float]:
     """Runs in the inference thread, so the time excludes waiting for the batch ahead."""
     started = time.perf_counter()
     results = detector.detect(images)

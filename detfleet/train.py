@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
-from consumer.detector import DetectorConfig, load_detector
+from consumer.detector import DecodedFrame, DetectorConfig, load_detector
 from consumer.detector.preprocess import to_blob
 from detfleet import accuracy, synth
 
@@ -373,7 +373,7 @@ def evaluate(path: Path, scenes: Sequence[synth.Scene]) -> accuracy.Scores:
     detector = load_detector(DetectorConfig(model_path=path, device="cpu", intra_op_threads=THREADS))
     predicted: list[tuple[synth.Box, ...]] = []
     for start in range(0, len(scenes), 16):
-        found = detector.detect([s.image for s in scenes[start : start + 16]])
+        found = detector.detect([DecodedFrame.of(s.image) for s in scenes[start : start + 16]])
         predicted += [tuple(synth.Box(d.class_id, *d.box, score=d.score) for d in image) for image in found]
     return accuracy.score(predicted, [s.boxes for s in scenes], synth.CLASS_NAMES)
 

@@ -56,9 +56,13 @@ class Peer(Protocol):
     ) -> None: ...
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 @dataclass
@@ -68,6 +72,7 @@ class DetfleetPeer:
     max_wait_ms: int = 20
     intra_op_threads: int = 0
     name: str = "detfleet"
+    cwd: Path | None = None  # run the detfleet of another tree (``python -m`` imports from the cwd first)
 
     @property
     def workers(self) -> int:
@@ -87,7 +92,8 @@ class DetfleetPeer:
                 "DETFLEET_CONSUMER_ID": f"bench-r{index + 1}",
                 "DETFLEET_INTRA_OP_THREADS": str(self.intra_op_threads),
             }
-            processes.append(_spawn(argv, clean_env(**variables), logs / f"detfleet-r{index + 1}.log"))
+            log = logs / f"detfleet-r{index + 1}.log"
+            processes.append(_spawn(argv, clean_env(**variables), log, self.cwd))
         return processes
 
     async def publish(self, env: BenchEnv, bodies: Sequence[bytes], count: int, rate: float | None) -> None:

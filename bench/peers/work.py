@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from bench.common import insert_row
-from consumer.decode import decode_image
+from consumer.decode import decode_frame
 from consumer.detector import DetectorConfig, load_detector
 
 
@@ -34,11 +34,11 @@ class Processor:
 
     def handle(self, body: bytes, task_id: str, captured_at: str, received_at: datetime) -> None:
         """Decode, detect, insert: raises on a frame that does not decode (the bench sends none)."""
-        image = decode_image(body)
-        if isinstance(image, str):
-            raise ValueError(image)
+        frame = decode_frame(body, self.detector.info.input_size)
+        if isinstance(frame, str):
+            raise ValueError(frame)
         started = time.perf_counter()
-        detections = self.detector.detect([image])[0]
+        detections = self.detector.detect([frame])[0]
         inference_ms = (time.perf_counter() - started) * 1000
         row: dict[str, Any] = {
             "task_id": uuid.UUID(task_id),
@@ -46,8 +46,8 @@ class Processor:
             "received_at": received_at,
             "consumer_id": self.consumer_id,
             "inference_ms": inference_ms,
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
+            "width": frame.source_size[0],
+            "height": frame.source_size[1],
             "detections": json.dumps([d.to_json() for d in detections]),
         }
         row["completed_at"] = datetime.now(UTC)

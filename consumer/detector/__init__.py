@@ -1,6 +1,7 @@
 """Object detection behind one interface: an ONNX Runtime implementation and a fake for tests."""
 
 from consumer.detector.base import (
+    DecodedFrame,
     Detection,
     Detector,
     DetectorConfig,
@@ -18,6 +19,7 @@ def load_detector(config: DetectorConfig) -> Detector:
 
 
 __all__ = [
+    "DecodedFrame",
     "Detection",
     "Detector",
     "DetectorConfig",

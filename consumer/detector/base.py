@@ -1,4 +1,4 @@
-"""The inference seam: a batch of images in, a list of detections per image out."""
+"""The inference seam: a batch of decoded frames in, a list of detections per frame out."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from shared.errors import DetfleetError
 
 Box = tuple[float, float, float, float]
+REDUCTIONS = (1, 2, 4, 8)  # the scales libjpeg decodes at directly: 1/1, 1/2, 1/4, 1/8
 
 
 class ModelLoadError(DetfleetError):
@@ -32,6 +33,42 @@ class Detection:
 
     def to_json(self) -> dict[str, object]:
         return {"class_id": self.class_id, "label": self.label, "score": self.score, "box": list(self.box)}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing pixel arrays with == is not a truth value
+class DecodedFrame:
+    """One frame as the detector takes it: its pixels, possibly decoded at a reduced scale, and the size of
+    the frame they came from, so that boxes come back in the frame's own pixels.
+
+    At reduction r (libjpeg's 1/r) pixel x of ``pixels`` spans source pixels r*x to r*x + r, and the reduced
+    size is rounded up (ceil(width / r)): the last column covers a partial block. Boxes therefore map back
+    by r itself, not by source / reduced size, which would drift by up to r - 1 pixels at the far edge.
+    """
+
+    pixels: np.ndarray  # 8-bit BGR from consumer.decode.decode_frame; any layout to_bgr8 reads is accepted
+    source_size: tuple[int, int]  # (width, height) of the original frame
+    reduction: int = 1  # one of REDUCTIONS
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction}")
+        width, height = self.source_size
+        expected = (-(-height // self.reduction), -(-width // self.reduction))
+        if tuple(self.pixels.shape[:2]) != expected:
+            raise ValueError(
+                f"pixels of shape {self.pixels.shape} are not a {width}x{height} frame at 1/{self.reduction}"
+            )
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> DecodedFrame:
+        """An image at full scale: its own size is the source size."""
+        return cls(image, (int(image.shape[1]), int(image.shape[0])))
+
+    def to_source(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes [N, 4] (x1, y1, x2, y2) in pixels of ``pixels`` to source pixels, clipped to the frame."""
+        limits = np.array([*self.source_size, *self.source_size], dtype=boxes.dtype)
+        clipped: np.ndarray = np.clip(boxes * self.reduction, 0, limits)
+        return clipped
 
 
 @dataclass(frozen=True)
@@ -67,8 +104,9 @@ class Detector(ABC):
     info: ModelInfo
 
     @abstractmethod
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        """Detections per image, in input order. Raises InferenceError when the runtime fails the batch."""
+    def detect(self, frames: Sequence[DecodedFrame]) -> list[list[Detection]]:
+        """Detections per frame, in input order, boxes in source pixels. Raises InferenceError when the
+        runtime fails the batch."""
 
     def warm_up(self) -> None:  # noqa: B027 - a detector with nothing to warm keeps the no-op
         """Run once before the first real batch, so that batch does not pay for lazy initialisation."""

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from consumer.detector.base import Detection, Detector, InferenceError, ModelInfo
+from consumer.detector.base import DecodedFrame, Detection, Detector, InferenceError, ModelInfo
 
 FAKE_MODEL_NAME = "fake-detector.onnx"
 
@@ -24,9 +24,10 @@ def fake_model_info(class_names: tuple[str, ...] = ("object",)) -> ModelInfo:
 
 
 class FakeDetector(Detector):
-    """Detection i of every image: class i mod len(class_names), score 0.9 - 0.1 i, a box from (i, i) to the
-    image's centre plus i. A batch with any image that fail_on accepts raises InferenceError, as a poison
-    message would; batch_sizes records every call, failed ones included."""
+    """Detection i of every frame: class i mod len(class_names), score 0.9 - 0.1 i, a box from (i, i) to the
+    source frame's centre plus i, in source pixels whatever scale the frame was decoded at. A batch with any
+    frame whose pixels fail_on accepts raises InferenceError, as a poison message would; batch_sizes
+    records every call, failed ones included."""
 
     def __init__(
         self,
@@ -42,17 +43,17 @@ class FakeDetector(Detector):
         self.batch_sizes: list[int] = []
         self.warm_ups = 0
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        self.batch_sizes.append(len(images))
-        if self.fail_on is not None and any(self.fail_on(image) for image in images):
-            raise InferenceError(f"{FAKE_MODEL_NAME}: a poison image in a batch of {len(images)}")
-        return [self._detections(image) for image in images]
+    def detect(self, frames: Sequence[DecodedFrame]) -> list[list[Detection]]:
+        self.batch_sizes.append(len(frames))
+        if self.fail_on is not None and any(self.fail_on(frame.pixels) for frame in frames):
+            raise InferenceError(f"{FAKE_MODEL_NAME}: a poison image in a batch of {len(frames)}")
+        return [self._detections(frame) for frame in frames]
 
     def warm_up(self) -> None:
         self.warm_ups += 1
 
-    def _detections(self, image: np.ndarray) -> list[Detection]:
-        height, width = image.shape[:2]
+    def _detections(self, frame: DecodedFrame) -> list[Detection]:
+        width, height = frame.source_size
         return [self._detection(i, width, height) for i in range(self.detections_per_image)]
 
     def _detection(self, index: int, width: int, height: int) -> Detection:

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from consumer.detector.base import (
+    DecodedFrame,
     Detection,
     Detector,
     DetectorConfig,
@@ -43,20 +44,21 @@ class OnnxDetector(Detector):
         self._lock = threading.Lock()
         self.info = info
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        if not images:
+    def detect(self, frames: Sequence[DecodedFrame]) -> list[list[Detection]]:
+        if not frames:
             return []
         with self._lock:  # the input buffer is shared between calls
-            blob, placements = self._input.fill(images, rows=self._padded_rows(len(images)))
-            output = self._infer(blob)[: len(images)]
-        return decode_batch(output, placements, self.info, self._thresholds)
+            pixels = [frame.pixels for frame in frames]
+            blob, placements = self._input.fill(pixels, rows=self._padded_rows(len(frames)))
+            output = self._infer(blob)[: len(frames)]
+        return decode_batch(output, placements, frames, self.info, self._thresholds)
 
     def warm_up(self) -> None:
         """Runs one grey batch the first time only; CUDA's first run pays for kernel selection and JIT."""
         if self._warmed:
             return
         width, height = self.info.input_size
-        self.detect([np.full((height, width, 3), PAD_VALUE, np.uint8)])
+        self.detect([DecodedFrame.of(np.full((height, width, 3), PAD_VALUE, np.uint8))])
         self._warmed = True
 
     def _padded_rows(self, images: int) -> int:

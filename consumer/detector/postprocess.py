@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from consumer.detector.base import Detection, ModelInfo
+from consumer.detector.base import DecodedFrame, Detection, ModelInfo
 from consumer.detector.preprocess import Letterbox
 
 MAX_NMS_CANDIDATES = 30_000  # as ultralytics: bounds NMS time on a degenerate output full of weak boxes
@@ -89,9 +90,12 @@ def _strongest(scores: np.ndarray, minimum: float, limit: int) -> np.ndarray:
     return passing[order]
 
 
-def to_detections(found: ImageBoxes, placement: Letterbox, info: ModelInfo) -> list[Detection]:
-    """Canvas boxes mapped back to the source image; boxes that lie wholly in the padding are dropped."""
-    boxes = placement.to_source(found.boxes.astype(np.float64))
+def to_detections(
+    found: ImageBoxes, placement: Letterbox, frame: DecodedFrame, info: ModelInfo
+) -> list[Detection]:
+    """Canvas boxes mapped back to the frame's pixels, then to the source frame (through its reduction);
+    boxes that lie wholly in the padding, or past the source's edge, are dropped."""
+    boxes = frame.to_source(placement.to_source(found.boxes.astype(np.float64)))
     visible = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return [
         Detection(
@@ -107,12 +111,17 @@ def to_detections(found: ImageBoxes, placement: Letterbox, info: ModelInfo) -> l
 
 
 def decode_batch(
-    output: np.ndarray, placements: list[Letterbox], info: ModelInfo, thresholds: Thresholds
+    output: np.ndarray,
+    placements: list[Letterbox],
+    frames: Sequence[DecodedFrame],
+    info: ModelInfo,
+    thresholds: Thresholds,
 ) -> list[list[Detection]]:
-    """Detections per image from one batch output of either layout."""
+    """Detections per frame, in source pixels, from one batch output of either layout; placements[i] is
+    how frames[i].pixels sit on the canvas."""
     layout = detect_layout(output.shape, len(info.class_names) or None)
     decode = decode_head if layout is OutputLayout.YOLO_HEAD else decode_end_to_end
     return [
-        to_detections(decode(prediction, thresholds), placement, info)
-        for prediction, placement in zip(output, placements, strict=True)
+        to_detections(decode(prediction, thresholds), placement, frame, info)
+        for prediction, placement, frame in zip(output, placements, frames, strict=True)
     ]

@@ -1,7 +1,8 @@
 """The shipped detector through the whole fleet: producer, broker, consumer, Postgres.
 
 Accuracy is measured on generated frames the model never saw in training, and the fleet's boxes are checked
-against the same detector run in-process, so batching, letterboxing and the row's JSON change nothing.
+against the same detector run in-process on the same decode (consumer.decode.decode_frame, reduced scale
+where the frame allows it), so batching, letterboxing and the row's JSON change nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 import cv2
 import pytest
 
-from consumer.decode import decode_image
+from consumer.decode import decode_frame
 from consumer.detector import DetectorConfig, load_detector
-from consumer.detector.base import Detector
+from consumer.detector.base import DecodedFrame, Detector
 from detfleet import accuracy, synth
 from detfleet.demo import as_box
 from producer.publisher import AsyncPublisher
@@ -26,7 +27,9 @@ from tests.integration.consumer_support import consumer_settings, rows_by_id, ru
 HELD_OUT_SEED = 7_000_000
 HELD_OUT_FRAMES = 120
 MIN_PRECISION = MIN_RECALL = 0.9  # the model card reports more on a larger held-out set
-SIZES = ((500, 375), (375, 500), (1280, 720), (333, 250))
+SIZES = ((500, 375), (375, 500), (1280, 720), (333, 250))  # decoded for the 320 model at 1/1, 1/1, 1/4, 1/1
+# Three times each, then three 640x480 frames (decoded at 1/2); every one of these seeds carries objects.
+FRAMES = [*SIZES * 3, *[(640, 480)] * 3]
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +88,21 @@ def sorted_detections(found: list[dict[str, Any]]) -> list[tuple[int, float, lis
 async def test_the_fleet_boxes_equal_the_detector_run_in_process_on_non_square_frames(
     topology_settings: AdminSettings, results_db: str, detector: Detector
 ) -> None:
-    bodies = [encoded(synth.render_scene(HELD_OUT_SEED + 500 + i, size)) for i, size in enumerate(SIZES * 3)]
+    bodies = [encoded(synth.render_scene(HELD_OUT_SEED + 500 + i, size)) for i, size in enumerate(FRAMES)]
 
     rows = await through_the_fleet(topology_settings, results_db, detector, bodies)
 
-    for body, row in zip(bodies, rows, strict=True):
-        image = decode_image(body)
-        assert not isinstance(image, str)
-        assert (row["image_width"], row["image_height"]) == (image.shape[1], image.shape[0])
+    reductions: set[int] = set()
+    for body, row, size in zip(bodies, rows, FRAMES, strict=True):
+        frame = decode_frame(body, detector.info.input_size)
+        assert isinstance(frame, DecodedFrame), frame
+        reductions.add(frame.reduction)
+        assert (row["image_width"], row["image_height"]) == frame.source_size == size
         fleet = sorted_detections(detections_of(row))
-        alone = sorted_detections([d.to_json() for d in detector.detect([image])[0]])
+        alone = sorted_detections([d.to_json() for d in detector.detect([frame])[0]])
         assert fleet, "every generated frame here carries objects"
         assert [c for c, _, _ in fleet] == [c for c, _, _ in alone]
         for (_, fleet_score, fleet_box), (_, score, box) in zip(fleet, alone, strict=True):
             assert fleet_score == pytest.approx(score, abs=1e-4)
             assert fleet_box == pytest.approx(box, abs=0.5)
+    assert reductions == {1, 2, 4}  # for the 320 model: 640x480 at 1/2, 1280x720 at 1/4, the others in full

@@ -12,11 +12,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pika
 import pytest
 
-from consumer.detector.base import Detection, InferenceError
+from consumer.detector.base import DecodedFrame, Detection, InferenceError
 from consumer.detector.fake import FakeDetector
 from consumer.settle import Settler
 from shared.broker.aio import Broker
@@ -213,7 +212,7 @@ class SmallMemoryDetector(FakeDetector):
         super().__init__()
         self.succeeded: list[int] = []
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+    def detect(self, images: Sequence[DecodedFrame]) -> list[list[Detection]]:
         if len(images) > FITS:
             raise InferenceError(
                 f"model.onnx: Failed to allocate memory for requested buffer of {len(images)}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pika
 
-from consumer.detector.base import Detection
+from consumer.detector.base import DecodedFrame, Detection
 from consumer.detector.fake import FakeDetector
 from consumer.worker import Worker
 from shared.broker.aio import Broker, Delivery
@@ -434,12 +434,12 @@ class HeldDetector(FakeDetector):
         self.release = threading.Event()
         self.passed = threading.Event()  # a batch without a held image was inferred
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        held = any(self.hold_if(image) for image in images)
+    def detect(self, frames: Sequence[DecodedFrame]) -> list[list[Detection]]:
+        held = any(self.hold_if(frame.pixels) for frame in frames)
         if held:
             self.started.set()
             assert self.release.wait(WAIT_S)
-        found = super().detect(images)
+        found = super().detect(frames)
         if not held:
             self.passed.set()
         return found

@@ -8,9 +8,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-import numpy as np
-
-from consumer.detector.base import Detection
+from consumer.detector.base import DecodedFrame, Detection
 from consumer.detector.fake import FakeDetector
 from consumer.worker import Worker
 from shared.logs import configure_logging
@@ -20,10 +18,10 @@ CRASH_EXIT_CODE = 86
 
 
 class CrashingDetector(FakeDetector):
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
-        if any(float(image.mean()) > 250 for image in images):
+    def detect(self, frames: Sequence[DecodedFrame]) -> list[list[Detection]]:
+        if any(float(frame.pixels.mean()) > 250 for frame in frames):
             os._exit(CRASH_EXIT_CODE)  # no cleanup, no acks: the broker redelivers what was held
-        return super().detect(images)
+        return super().detect(frames)
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from consumer.detector import (
+    DecodedFrame,
     Detection,
     Detector,
     DetectorConfig,
@@ -30,6 +32,11 @@ from tests.support.onnx_graphs import (
 )
 
 SOURCES = [(640, 640), (1280, 720), (480, 640), (333, 197), (64, 64)]
+
+
+def full_scale(images: Sequence[np.ndarray]) -> list[DecodedFrame]:
+    """Arrays as frames decoded at full scale, their own size the source size."""
+    return [DecodedFrame.of(image) for image in images]
 
 
 def load(path: Path, **settings: Any) -> Detector:
@@ -68,7 +75,7 @@ def test_known_canvas_boxes_come_back_in_source_pixels(
     write = write_yolo_head_model if layout == "head" else write_end_to_end_model
     model = write(tmp_path / "m.onnx", boxes, input_size=(320, 256), names=["part", "scratch"])
 
-    [detections] = load(model).detect([np.zeros((height, width, 3), np.uint8)])
+    [detections] = load(model).detect(full_scale([np.zeros((height, width, 3), np.uint8)]))
 
     assert [(d.class_id, d.label) for d in detections] == [(1, "scratch"), (0, "part")]
     assert [d.score for d in detections] == pytest.approx([0.9, 0.6])
@@ -85,9 +92,11 @@ def test_nms_thresholds_and_limits_apply_through_the_model(tmp_path: Path) -> No
         CanvasBox(500, 500, 550, 550, 0.3, 0),  # under confidence 0.4
     ]
     model = write_yolo_head_model(tmp_path / "m.onnx", boxes, anchors=8)
-    [found] = load(model, confidence=0.4).detect([np.zeros((640, 640, 3), np.uint8)])
+    [found] = load(model, confidence=0.4).detect(full_scale([np.zeros((640, 640, 3), np.uint8)]))
     assert [(d.class_id, round(d.score, 2)) for d in found] == [(0, 0.9), (1, 0.8), (0, 0.5)]
-    [limited] = load(model, confidence=0.4, max_detections=2).detect([np.zeros((640, 640, 3), np.uint8)])
+    [limited] = load(model, confidence=0.4, max_detections=2).detect(
+        full_scale([np.zeros((640, 640, 3), np.uint8)])
+    )
     assert [round(d.score, 2) for d in limited] == [0.9, 0.8]
 
 
@@ -101,7 +110,7 @@ def test_a_white_square_is_found_where_it_was_drawn(tmp_path: Path, layout: Layo
     )
     detector = load(model)
     images = [white_square(w, h, square_for(i, w, h)) for i, (w, h) in enumerate(SOURCES)]
-    results = detector.detect(images)
+    results = detector.detect(full_scale(images))
     for (width, height), image_index, detections in zip(SOURCES, range(len(SOURCES)), results, strict=True):
         [detection] = detections
         # one canvas pixel of resampling blur, seen from the source side
@@ -113,7 +122,9 @@ def test_a_white_square_is_found_where_it_was_drawn(tmp_path: Path, layout: Layo
 
 def test_an_image_without_a_square_gets_no_detection(tmp_path: Path) -> None:
     detector = load(write_bright_square_model(tmp_path / "m.onnx"))
-    assert detector.detect([np.zeros((100, 100, 3), np.uint8), np.full((100, 100, 3), 200, np.uint8)]) == [
+    assert detector.detect(
+        full_scale([np.zeros((100, 100, 3), np.uint8), np.full((100, 100, 3), 200, np.uint8)])
+    ) == [
         [],
         [],
     ]
@@ -124,7 +135,7 @@ def test_fixed_batch_and_dynamic_models_agree_on_a_batch_of_five(tmp_path: Path)
     dynamic = load(write_bright_square_model(tmp_path / "dynamic.onnx", dynamic_batch=True))
     assert (fixed.info.batch_size, dynamic.info.batch_size) == (1, None)
     images = [white_square(w, h, square_for(i, w, h)) for i, (w, h) in enumerate(SOURCES)]
-    from_fixed, from_dynamic = fixed.detect(images), dynamic.detect(images)
+    from_fixed, from_dynamic = fixed.detect(full_scale(images)), dynamic.detect(full_scale(images))
     assert len(from_fixed) == 5
     assert all(len(found) == 1 for found in from_fixed)
     assert from_fixed == from_dynamic
@@ -138,7 +149,7 @@ def test_a_fixed_batch_of_two_pads_the_last_chunk(tmp_path: Path) -> None:
     _with_batch_dim(tmp_path / "m.onnx", model, 2)
     detector = load(model)
     assert detector.info.batch_size == 2
-    found = detector.detect([np.zeros((32, 32, 3), np.uint8)] * 3)
+    found = detector.detect(full_scale([np.zeros((32, 32, 3), np.uint8)] * 3))
     assert [len(d) for d in found] == [1, 1, 1]
 
 
@@ -159,7 +170,7 @@ def test_grey_rgba_and_16_bit_images_share_one_batch(tmp_path: Path) -> None:
     rgba = np.dstack([colour, np.zeros((120, 100), np.uint8)])  # transparent: alpha must not matter
     deep = white_square(100, 120, box, np.uint16)
     deep_grey = deep[:, :, 0].copy()
-    results = detector.detect([grey, rgba, deep, deep_grey, colour])
+    results = detector.detect(full_scale([grey, rgba, deep, deep_grey, colour]))
     for detections in results:
         assert [d.box for d in detections] == [pytest.approx(box, abs=1.0)]
 
@@ -184,7 +195,7 @@ def test_the_provider_choice_is_logged_once(tmp_path: Path, caplog: pytest.LogCa
     model = write_yolo_head_model(tmp_path / "m.onnx")
     with caplog.at_level(logging.INFO, logger="consumer.detector"):
         detector = load(model, device="auto")
-        detector.detect([np.zeros((8, 8, 3), np.uint8)])
+        detector.detect(full_scale([np.zeros((8, 8, 3), np.uint8)]))
     lines = [r.getMessage() for r in caplog.records if "runs on" in r.getMessage()]
     assert len(lines) == 1
     assert detector.info.provider in lines[0]
@@ -218,14 +229,14 @@ def test_a_labels_file_gives_the_names(tmp_path: Path) -> None:
     model = write_yolo_head_model(tmp_path / "m.onnx", [CanvasBox(0, 0, 9, 9, 0.9, 1)], names=["x", "y"])
     detector = load(model, labels_path=labels)
     assert detector.info.class_names == ("person", "bicycle")
-    assert detector.detect([np.zeros((640, 640, 3), np.uint8)])[0][0].label == "bicycle"
+    assert detector.detect(full_scale([np.zeros((640, 640, 3), np.uint8)]))[0][0].label == "bicycle"
 
 
 def test_without_names_the_classes_are_numbered(tmp_path: Path) -> None:
     model = write_yolo_head_model(tmp_path / "m.onnx", [CanvasBox(0, 0, 9, 9, 0.9, 2)], num_classes=3)
     detector = load(model)
     assert detector.info.class_names == ("class0", "class1", "class2")
-    assert detector.detect([np.zeros((64, 64, 3), np.uint8)])[0][0].label == "class2"
+    assert detector.detect(full_scale([np.zeros((64, 64, 3), np.uint8)]))[0][0].label == "class2"
 
 
 def test_imgsz_metadata_sizes_a_model_with_a_dynamic_input(tmp_path: Path) -> None:
@@ -276,9 +287,9 @@ def test_a_corrupt_model_is_a_readable_error(tmp_path: Path) -> None:
 def test_a_runtime_failure_raises_inference_error_for_the_whole_batch(tmp_path: Path) -> None:
     detector = load(write_failing_model(tmp_path / "m.onnx"))
     clean = np.zeros((32, 32, 3), np.uint8)
-    assert detector.detect([clean, clean]) == [[], []]
+    assert detector.detect(full_scale([clean, clean])) == [[], []]
     with pytest.raises(InferenceError) as raised:
-        detector.detect([clean, np.full((32, 32, 3), 255, np.uint8), clean])
+        detector.detect(full_scale([clean, np.full((32, 32, 3), 255, np.uint8), clean]))
     assert isinstance(raised.value, DetfleetError)
     assert "m.onnx" in str(raised.value)
     assert "\n" not in str(raised.value)
@@ -286,7 +297,7 @@ def test_a_runtime_failure_raises_inference_error_for_the_whole_batch(tmp_path: 
 
 def test_an_empty_batch_needs_no_run(tmp_path: Path) -> None:
     detector = load(write_failing_model(tmp_path / "m.onnx"))
-    assert detector.detect([]) == []
+    assert detector.detect(full_scale([])) == []
 
 
 def test_detections_serialise_to_plain_json(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.detector.base import ModelInfo
+from consumer.detector.base import DecodedFrame, ModelInfo
 from consumer.detector.postprocess import (
     OutputLayout,
     Thresholds,
@@ -110,9 +110,17 @@ def test_end_to_end_rows_are_not_suppressed_again() -> None:
     assert found.class_ids.tolist() == [1, 1]
 
 
+def frame(source: tuple[int, int], reduction: int = 1) -> DecodedFrame:
+    """A black frame of source size decoded at 1/reduction (libjpeg's rounded-up size)."""
+    width, height = source
+    pixels = np.zeros((-(-height // reduction), -(-width // reduction), 3), np.uint8)
+    return DecodedFrame(pixels, source, reduction)
+
+
 def test_an_empty_output_gives_no_detections() -> None:
     placements = [Letterbox.fit((64, 64), (640, 640))] * 2
-    assert decode_batch(np.zeros((2, 6, 8), np.float32), placements, INFO, Thresholds()) == [[], []]
+    frames = [frame((64, 64))] * 2
+    assert decode_batch(np.zeros((2, 6, 8), np.float32), placements, frames, INFO, Thresholds()) == [[], []]
 
 
 @pytest.mark.parametrize("source", [(640, 640), (1280, 720), (720, 1280), (333, 777), (64, 48)])
@@ -121,7 +129,7 @@ def test_canvas_boxes_map_back_to_the_source_box(source: tuple[int, int]) -> Non
     placement = Letterbox.fit(source, (640, 640))
     wanted = np.array([[0.1 * width, 0.25 * height, 0.6 * width, 0.95 * height]])
     output = head_tensor([CanvasBox.at(placement.to_canvas(wanted)[0], 0.9, 1)], 2, 4)[None]
-    [[detection]] = decode_batch(output, [placement], INFO, Thresholds())
+    [[detection]] = decode_batch(output, [placement], [frame(source)], INFO, Thresholds())
     assert detection.box == pytest.approx(tuple(wanted[0]), abs=0.5)
     assert (detection.class_id, detection.label) == (1, "scratch")
     assert detection.to_json() == {
@@ -137,13 +145,43 @@ def test_boxes_wholly_in_the_padding_are_dropped_and_others_clipped() -> None:
     output = head_tensor([CanvasBox(10, 10, 100, 100, 0.9, 0), CanvasBox(-5, 120, 100, 200, 0.8, 0)], 2, 4)[
         None
     ]
-    [detections] = decode_batch(output, [placement], INFO, Thresholds())
+    [detections] = decode_batch(output, [placement], [frame((1280, 720))], INFO, Thresholds())
     assert [d.box for d in detections] == [pytest.approx((0.0, 0.0, 200.0, 120.0))]
+
+
+@pytest.mark.parametrize("reduction", [2, 4, 8])
+def test_boxes_of_a_reduced_frame_scale_by_its_reduction_and_clip_to_the_source(reduction: int) -> None:
+    reduced = frame((333, 250), reduction)  # libjpeg rounds up: 167x125, 84x63, 42x32 pixels
+    width, height = reduced.pixels.shape[1], reduced.pixels.shape[0]
+    placement = Letterbox.fit((width, height), (width, width))  # the canvas fits the pixels: no resize
+    inside = np.array([[2.0, 3.0, 20.0, 30.0]])  # in reduced pixels
+    whole = np.array([[0.0, 0.0, width, height]])
+    output = head_tensor(
+        [CanvasBox.at(placement.to_canvas(box)[0], score, 0) for box, score in ((inside, 0.9), (whole, 0.8))],
+        2,
+        4,
+    )[None]
+    [detections] = decode_batch(output, [placement], [reduced], INFO, Thresholds())
+    assert [d.box for d in detections] == [
+        pytest.approx(tuple(inside[0] * reduction)),  # by the reduction, not by 333 / 42 and 250 / 32
+        pytest.approx((0.0, 0.0, 333.0, 250.0)),  # the rounded-up last block is clipped off
+    ]
+
+
+def test_a_box_wholly_past_the_source_edge_of_a_reduced_frame_is_dropped() -> None:
+    reduced = frame(
+        (333, 250), 8
+    )  # 42 columns: column 41 covers source 328..336, of which 333.. is not there
+    placement = Letterbox.fit((42, 32), (42, 42))
+    past_the_edge = placement.to_canvas(np.array([[41.7, 5.0, 42.0, 10.0]]))[0]
+    output = head_tensor([CanvasBox.at(past_the_edge, 0.9, 0)], 2, 4)[None]
+    assert decode_batch(output, [placement], [reduced], INFO, Thresholds()) == [[]]
 
 
 def test_class_ids_beyond_the_names_get_a_generated_label() -> None:
     rows = end_to_end_tensor([CanvasBox(0, 0, 10, 10, 0.9, 7)], 3)[None]
-    [[detection]] = decode_batch(rows, [Letterbox.fit((640, 640), (640, 640))], INFO, Thresholds())
+    placement = Letterbox.fit((640, 640), (640, 640))
+    [[detection]] = decode_batch(rows, [placement], [frame((640, 640))], INFO, Thresholds())
     assert detection.label == "class7"
 
 
