@@ -303,6 +303,9 @@ def _add_filters(parser: argparse.ArgumentParser, ids: bool = False, everything:
     parser.add_argument("--camera", metavar="C")
     parser.add_argument("--site", metavar="S")
     parser.add_argument("--since", type=_duration, metavar="DURATION", help="failed within, e.g. 30m, 2h, 7d")
+    parser.add_argument(
+        "--older-than", type=_duration, metavar="DURATION", help="failed longer ago than this"
+    )
     if everything:
         parser.add_argument("--all", action="store_true", help="every failed task")
 
@@ -351,6 +354,7 @@ def filters_of(args: argparse.Namespace) -> Filters:
         camera=args.camera,
         site=args.site,
         since=args.since,
+        older_than=args.older_than,
         limit=getattr(args, "limit", None),
     )
 
@@ -440,7 +444,7 @@ def _require_selection(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.all and not filters_of(args).is_empty:
         parser.error("--all cannot be combined with filters")
     if not args.all and filters_of(args).is_empty:
-        parser.error(f"{args.action} needs --id, --reason, --camera, --site, --since or --all")
+        parser.error(f"{args.action} needs --id, --reason, --camera, --site, --since, --older-than or --all")
 
 
 async def _replay(settings: AdminSettings, args: argparse.Namespace) -> int:

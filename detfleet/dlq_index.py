@@ -40,11 +40,12 @@ class Filters:
     camera: str | None = None
     site: str | None = None
     since: timedelta | None = None
+    older_than: timedelta | None = None
     limit: int | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not (self.ids or self.reason or self.camera or self.site or self.since)
+        return not (self.ids or self.reason or self.camera or self.site or self.since or self.older_than)
 
     def describe(self) -> dict[str, Any]:
         """The filter as the audit log records it."""
@@ -54,6 +55,7 @@ class Filters:
             "camera": self.camera,
             "site": self.site,
             "since": None if self.since is None else f"{self.since.total_seconds():g}s",
+            "older_than": None if self.older_than is None else f"{self.older_than.total_seconds():g}s",
             "limit": self.limit,
         }
         return {k: v for k, v in shown.items() if v is not None}
@@ -134,6 +136,8 @@ def _where(filters: Filters, exclude_purged: bool) -> tuple[str, list[Any]]:
         add("r.site = {}", filters.site)
     if filters.since is not None:
         add("r.completed_at >= now() - {}::interval", filters.since)
+    if filters.older_than is not None:
+        add("r.completed_at < now() - {}::interval", filters.older_than)
     if exclude_purged:
         clauses.append("coalesce(l.action, 'parked') <> 'purged'")
     sql = "".join(f" AND {c}" for c in clauses) + " ORDER BY r.completed_at DESC, r.task_id"

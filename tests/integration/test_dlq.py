@@ -153,6 +153,7 @@ async def test_list_filters_by_reason_camera_site_and_age_and_leaves_the_broker_
     finally:
         await conn.close()
     assert await listed(failures, "--since", "1h") == failures.everything - {old}
+    assert await listed(failures, "--older-than", "1h") == {old}
 
     code, out, _ = await cli(failures, "list", "--json", "--camera", "cam-1")
     first = json.loads(out)[0]
