@@ -13,6 +13,9 @@ from typing import Any
 
 from consumer.detector import DetectorConfig, load_detector
 from consumer.worker import Worker
+from shared import db
+from shared.broker.aio import Broker
+from shared.errors import BrokerError, BrokerRefusedError, DatabaseError, DatabaseRefusedError
 from shared.logs import configure_logging
 from shared.settings import ConsumerSettings, load_settings
 
@@ -67,7 +70,32 @@ def install_signal_handlers(worker: Worker) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
+async def refuse_misconfiguration(settings: ConsumerSettings) -> None:
+    """Stop at start-up, with one line, when the broker or Postgres answers but refuses these settings.
+
+    A wrong password, vhost or database never heals, so a replica must not wait for it the way it waits
+    out an outage; a service that does not answer yet is left to the worker, which retries until it does.
+    """
+    try:
+        broker = await Broker.connect(settings.amqp_url, "detfleet-consumer:preflight", robust=False)
+    except BrokerRefusedError:
+        raise
+    except BrokerError:
+        pass  # not answering yet: the worker waits for it
+    else:
+        await broker.close()
+    try:
+        connection = await db.connect(settings.database_url)
+    except DatabaseRefusedError:
+        raise
+    except DatabaseError:
+        pass
+    else:
+        await connection.close()
+
+
 async def _run(settings: ConsumerSettings) -> int:
+    await refuse_misconfiguration(settings)
     detector = await asyncio.to_thread(load_detector, detector_config(settings))
     worker = Worker(settings, detector)
     install_signal_handlers(worker)

@@ -24,6 +24,7 @@ from shared.schema import (
     H_ATTEMPT,
     H_CAMERA,
     H_CAPTURED_AT,
+    H_ORIGINAL_ROUTING_KEY,
     H_SITE,
     H_TRACE_ID,
     LANES,
@@ -192,6 +193,12 @@ def _time(value: object) -> datetime | None:
         return None
 
 
+def _original_routing_key(envelope: Envelope) -> str:
+    """Where a replay sends the frame back to; never a NUL, which a Postgres text column refuses."""
+    key = _short_text(envelope.headers.get(H_ORIGINAL_ROUTING_KEY), 255) or envelope.routing_key
+    return key.replace("\x00", "\\x00")
+
+
 def _ms(start: datetime | None, end: datetime) -> float | None:
     return None if start is None else max(0.0, (end - start).total_seconds() * 1000)
 
@@ -202,9 +209,10 @@ def build_row(
     """The result row an action writes, or None for an action that writes none (retry, requeue)."""
     if action.status is None:
         return None
-    task, outcome = job.task, job.outcome
+    task, outcome, envelope = job.task, job.outcome, job.delivery.envelope
     ok = outcome if isinstance(outcome, Ok) else None
-    seen = task or readable_fields(job.delivery.envelope)
+    failed = action.status == "failed"
+    seen = task or readable_fields(envelope)
     published = task.published_at if task else None
     return ResultRow(
         task_id=job.task_id,
@@ -230,4 +238,8 @@ def build_row(
         detections=[d.to_json() for d in ok.detections] if ok else None,
         trace_id=seen.trace_id,
         producer=seen.producer,
+        original_routing_key=envelope.headers.get(H_ORIGINAL_ROUTING_KEY, envelope.routing_key)
+        if failed
+        else None,
+        payload_bytes=len(envelope.body) if failed else None,
     )

@@ -58,6 +58,8 @@ class ResultRow:
     detections: list[dict[str, Any]] | None = None
     trace_id: str | None = None
     producer: str | None = None
+    original_routing_key: str | None = None  # failed rows: where the DLQ copy goes back to on replay
+    payload_bytes: int | None = None  # failed rows: the size of the parked frame
     redeliveries: int = 0
 
 
@@ -71,6 +73,7 @@ _TYPES = {
     "redeliveries": "int4",
     "image_width": "int4",
     "image_height": "int4",
+    "payload_bytes": "int4",
     "detections": "jsonb",
     **{c: "float8" for c in COLUMNS if c.endswith("_ms")},
 }

@@ -6,11 +6,20 @@ import argparse
 import asyncio
 import json
 from collections.abc import Sequence
+from datetime import timedelta
 
+from detfleet.dlq_index import parse_duration
 from shared import admin, db
 from shared.logs import configure_logging
 from shared.settings import AdminSettings, load_settings, mask_url
 from shared.topology import Topology, definitions
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _settings() -> AdminSettings:
@@ -61,8 +70,15 @@ def db_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="detfleet db", description="The results database.")
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("migrate", help="create the database if missing and apply pending migrations")
-    parser.parse_args(argv)
+    prune = sub.add_parser("prune", help="delete result rows older than a duration, in batches")
+    prune.add_argument("--older-than", type=_duration, required=True, metavar="D", help="e.g. 30d, 12h")
+    prune.add_argument("--status", choices=("ok", "failed", "shed"), help="only rows of this status")
+    args = parser.parse_args(argv)
     settings = _settings()
+    if args.action == "prune":
+        removed = asyncio.run(db.prune(settings.database_url, args.older_than, args.status))
+        print(f"pruned {removed} rows from {db.database_name(settings.database_url)}")
+        return 0
     applied = asyncio.run(db.migrate(settings.database_url))
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none pending"
     print(f"database {db.database_name(settings.database_url)} migrated: {names}")

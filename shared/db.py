@@ -11,12 +11,13 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
-from shared.errors import DatabaseError
+from shared.errors import DatabaseError, DatabaseRefusedError
 from shared.settings import mask_url
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,19 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+# Postgres answered and said no: the role, password or database is wrong, so waiting will not help.
+_REFUSALS = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
 async def connect(url: str, timeout: float = 10.0) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(url, timeout=timeout)
+    except _REFUSALS as error:
+        raise DatabaseRefusedError(f"{mask_url(url)} refused: {error}") from error
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         raise DatabaseError(f"cannot connect to {mask_url(url)}: {error}") from error
 
@@ -144,5 +155,34 @@ async def applied_versions(url: str) -> list[int]:
     try:
         rows = await conn.fetch("SELECT version FROM detfleet_migrations ORDER BY version")
         return [r["version"] for r in rows]
+    finally:
+        await conn.close()
+
+
+# One batch: short transactions that never hold many row locks, so the consumers' writes go on meanwhile.
+_PRUNE_BATCH = """
+WITH doomed AS (
+    SELECT task_id FROM detfleet_results
+    WHERE completed_at < now() - $1::interval AND ($2::text IS NULL OR status = $2)
+    LIMIT $3 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM detfleet_results r USING doomed d WHERE r.task_id = d.task_id
+"""
+
+
+async def prune(url: str, older_than: timedelta, status: str | None = None, batch: int = 5_000) -> int:
+    """Delete result rows completed before ``older_than`` ago (of one status, if given), in batches."""
+    conn = await connect(url)
+    removed = 0
+    try:
+        while True:
+            result = await conn.execute(_PRUNE_BATCH, older_than, status, batch)
+            count = int(result.split()[-1])
+            removed += count
+            if count < batch:
+                return removed
+            logger.info("Pruned %d rows so far", removed)
+    except asyncpg.PostgresError as error:
+        raise DatabaseError(f"prune failed: {error}") from error
     finally:
         await conn.close()

@@ -2,7 +2,8 @@
 
 
 class DetfleetError(Exception):
-    """Base of every error detfleet raises on purpose; the CLI prints it as one line and exits 2."""
+    """Base of every error detfleet raises on purpose; the CLI prints it as one line and exits
+    ``exit_code``: 2 for what the caller gave (arguments, settings, input files), 1 for a runtime failure."""
 
     exit_code = 2
 
@@ -25,6 +26,8 @@ class FrameRejectedError(TaskValidationError):
 
 class BrokerError(DetfleetError):
     """Anything that went wrong talking to RabbitMQ."""
+
+    exit_code = 1
 
 
 class BrokerUnavailableError(BrokerError):
@@ -53,3 +56,13 @@ class ManagementError(BrokerError):
 
 class DatabaseError(DetfleetError):
     """Postgres could not be reached or refused a statement."""
+
+    exit_code = 1
+
+
+class BrokerRefusedError(BrokerError):
+    """The broker answered but refused the login or the vhost: retrying cannot help."""
+
+
+class DatabaseRefusedError(DatabaseError):
+    """Postgres answered but refused the role, password or database: retrying cannot help."""

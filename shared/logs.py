@@ -1,4 +1,4 @@
-"""JSON-lines logging with ``task_id`` and ``trace_id`` carried by context variables.
+"""Logging: JSON lines for collectors, text on a terminal; context variables carry ``task_id``, ``trace_id``.
 
 Set the ids once per message with :func:`task_context`; every log line inside carries them, so one
 trace id can be followed from the producer's log, through the consumer's, to the result row.
@@ -48,15 +48,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def wants_json(json_lines: bool | None) -> bool:
+    """An explicit setting wins; unset, a person at a terminal reads text and a log collector gets JSON."""
+    return not sys.stderr.isatty() if json_lines is None else json_lines
+
+
+def configure_logging(level: str = "INFO", json_lines: bool | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if json_lines:
+    if wants_json(json_lines):
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Library chatter at INFO (every reconnect attempt) drowns our own events.
     for noisy in ("aiormq", "aio_pika", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # aiormq logs a failed connect as an ERROR of its own; our error, raised to the caller, already says it.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

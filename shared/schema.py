@@ -34,6 +34,9 @@ H_REASON = "x-detfleet-reason"
 H_ORIGINAL_EXCHANGE = "x-detfleet-original-exchange"
 H_ORIGINAL_ROUTING_KEY = "x-detfleet-original-routing-key"
 H_FAILED_AT = "x-detfleet-failed-at"
+# Set by ``detfleet dlq replay`` on each copy it sends back: how many times this task was replayed. It rides
+# along into a later DLQ copy, so a task that keeps failing is refused after a limit.
+H_REPLAYS = "x-detfleet-replays"
 DEAD_LETTER_HEADERS = (H_REASON, H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY, H_FAILED_AT)
 # Set by RabbitMQ when it dead-letters; removed on every republish (3.10 drops dead-letter cycles
 # silently, 4.0 ignores client-set x-death). Our own headers carry the history.

@@ -68,7 +68,9 @@ class DetfleetSettings(BaseSettings):
 
     amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ AMQP URL; the path is the vhost")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log threshold")
-    log_json: bool = Field(True, description="JSON lines on stderr (false: plain text for a terminal)")
+    log_json: bool | None = Field(
+        None, description="JSON lines on stderr; unset: text on a terminal, JSON otherwise"
+    )
 
     _url_schemes: ClassVar[dict[str, tuple[str, ...]]] = {
         "amqp_url": ("amqp", "amqps"),
@@ -119,6 +121,9 @@ class AdminSettings(TopologySettings):
     consumer_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-consumer")
     ops_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-ops")
     secrets_dir: Path | None = Field(None, description="bootstrap: folder of files named after each user")
+    audit_log: Path = Field(
+        Path("detfleet-audit.jsonl"), description="dlq replay and purge: JSON-lines audit log, appended"
+    )
 
     def password_for(self, user: str) -> str | None:
         """The password of broker user ``user``: its variable first, else a file in ``secrets_dir``."""

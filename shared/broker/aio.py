@@ -27,6 +27,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
+from shared.broker.refusals import connect_refusals
 from shared.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -158,7 +159,7 @@ class Broker:
     @classmethod
     async def connect(cls, url: str, name: str, robust: bool = True, timeout: float = 10.0) -> Broker:
         """Connect, or raise :class:`BrokerUnavailableError` naming the masked URL."""
-        with translated_errors(f"connect to {mask_url(url)}"):
+        with translated_errors(f"connect to {mask_url(url)}"), connect_refusals(url):
             connect = aio_pika.connect_robust if robust else aio_pika.connect
             connection = await connect(url, client_properties={"connection_name": name}, timeout=timeout)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -1,4 +1,4 @@
-"""The console script: bad settings stop start-up with one line naming the variable, exit code 2."""
+"""The console script: usage errors and bad settings exit 2 with one line on stderr; --version; text logs."""
 
 from __future__ import annotations
 
@@ -50,3 +50,38 @@ def test_definitions_print_without_a_broker() -> None:
     result = run_cli("topology", "definitions")
     assert result.returncode == 0, result.stderr
     assert '"detfleet.frames"' in result.stdout
+
+
+def test_version_names_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"detfleet {version('detfleet')}"
+
+
+def test_no_command_is_a_usage_error_on_stderr() -> None:
+    result = run_cli()
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "usage: detfleet" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("dlq", "purge", "--all"), ("dlq", "replay"), ("dlq", "list", "--since", "soon"), ("db", "prune")],
+)
+def test_bad_arguments_are_usage_errors(args: tuple[str, ...]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+
+
+def test_logs_are_text_unless_json_is_asked_for() -> None:
+    from shared.logs import wants_json
+
+    assert wants_json(True) is True
+    assert wants_json(False) is False
+    # Under pytest stderr is not a terminal: unset means JSON for a collector.
+    assert wants_json(None) is not sys.stderr.isatty()
