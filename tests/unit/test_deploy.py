@@ -7,6 +7,7 @@ check the files offline; tests/integration/test_compose_boot.py boots the compos
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import re
 import subprocess
@@ -15,13 +16,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
 from detfleet.cli import COMMANDS
 from shared.admin import admin_definitions, admin_identity, rabbit_password_hash
 from shared.errors import SettingsError
-from shared.settings import ConsumerSettings
+from shared.settings import ConsumerSettings, known_variables
+from shared.topology import USERS
 from tests.support.compose_stack import COMPOSE_FILE, ENV_EXAMPLE, compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,3 +238,170 @@ def test_the_admin_definitions_name_their_vhost_and_never_the_password() -> None
 def test_the_admin_identity_must_be_a_named_user(url: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         admin_identity(url)
+
+
+# -- Kubernetes
+
+K8S = DEPLOY / "k8s"
+OVERLAYS = ("cpu", "gpu")
+KUBERNETES_VERSION = "1.30.0"
+CRD_SCHEMAS = REPO / "tests" / "data" / "crd-schemas"
+RENDERED_KINDS = (
+    *("Namespace", "ConfigMap", "Job", "Deployment", "PodDisruptionBudget", "Service"),
+    *("ScaledObject", "TriggerAuthentication", "PodMonitor"),
+)
+
+
+def kustomize(overlay: str) -> list[dict[str, Any]]:
+    result = run("kubectl", "kustomize", K8S / "overlays" / overlay)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {overlay: kustomize(overlay) for overlay in OVERLAYS}
+
+
+def crd_schema(doc: dict[str, Any]) -> dict[str, Any] | None:
+    group = doc["apiVersion"].split("/")[0]
+    path = CRD_SCHEMAS / f"{doc['kind'].lower()}.{group}.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Kubernetes' own kinds against its schemas (strict: unknown fields fail); CRDs against tests/data."""
+    schema = crd_schema(doc)
+    if schema is not None:
+        jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
+    else:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_renders_and_validates(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(RENDERED_KINDS)
+    for doc in docs:
+        validate(doc)
+        assert doc["metadata"].get("namespace", "detfleet") == "detfleet"
+
+
+def test_the_validators_refuse_a_misspelt_field(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    deployment = copy.deepcopy(by_kind(rendered["cpu"], "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment)
+    scaled = copy.deepcopy(by_kind(rendered["cpu"], "ScaledObject"))
+    scaled["spec"]["fallback"]["replica"] = 4
+    with pytest.raises(jsonschema.ValidationError):
+        validate(scaled)
+
+
+def test_the_example_secrets_validate_and_hold_only_placeholders() -> None:
+    secrets = documents(K8S / "secrets.example.yaml")
+    for secret in secrets:
+        validate(secret)
+        for value in secret["stringData"].values():
+            assert "CHANGE-ME" in value
+
+
+def test_every_referenced_secret_key_is_in_the_example(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    examples = {s["metadata"]["name"]: set(s["stringData"]) for s in documents(K8S / "secrets.example.yaml")}
+    text = yaml.safe_dump_all(rendered["gpu"])
+    references = re.findall(r"secretKeyRef:\n\s+key: (\S+)\n\s+name: (\S+)", text)
+    assert len(references) >= 5
+    for key, name in references:
+        assert key in examples[name], (name, key)
+    trigger = by_kind(rendered["gpu"], "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert [(r["name"], r["key"]) for r in trigger] == [("detfleet-keda", "host")]
+    assert "detfleet-keda" in examples
+    assert examples["detfleet-broker-users"] == {u.name for u in USERS}
+
+
+def test_the_consumer_deployment_is_probed_bounded_and_locked_down(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    pod = by_kind(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["terminationGracePeriodSeconds"] > ConsumerSettings().shutdown_grace_s + 10
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    startup_s = container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"]
+    assert startup_s >= 120  # the health port opens only after the model loads
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]["memory"]
+    assert container["image"] == "detfleet:0.1.0-cpu"
+
+
+def test_the_gpu_overlay_asks_for_a_gpu_and_insists_on_cuda(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    [container] = by_kind(rendered["gpu"], "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "DETFLEET_DEVICE", "value": "cuda"} in container["env"]
+    assert container["image"] == "detfleet:0.1.0-gpu"
+    cpu = by_kind(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+
+
+def test_the_setup_job_bootstraps_applies_the_topology_then_migrates(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    pod = by_kind(rendered["cpu"], "Job")["spec"]["template"]["spec"]
+    steps = [c["args"] for c in [*pod["initContainers"], *pod["containers"]]]
+    assert steps == [["broker", "bootstrap"], ["topology", "apply"], ["db", "migrate"]]
+    assert all(step[0] in COMMANDS for step in steps)
+
+
+def test_keda_counts_ready_plus_unacked_with_a_fallback_and_a_slow_scale_down(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["cpu"]
+    spec = by_kind(docs, "ScaledObject")["spec"]
+    assert spec["scaleTargetRef"]["name"] == by_kind(docs, "Deployment")["metadata"]["name"]
+    queues = {t["metadata"]["queueName"] for t in spec["triggers"]}
+    assert queues == {"detfleet.bulk", "detfleet.realtime"}
+    for trigger in spec["triggers"]:
+        assert trigger["metadata"]["protocol"] == "http"  # http mode counts unacked messages too
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert (
+            trigger["authenticationRef"]["name"] == by_kind(docs, "TriggerAuthentication")["metadata"]["name"]
+        )
+    assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
+    grace = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    window = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert window["stabilizationWindowSeconds"] > grace
+
+
+def test_a_disruption_budget_and_the_metrics_endpoints_select_the_consumers(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["cpu"]
+    labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for kind, selector in (
+        ("PodDisruptionBudget", by_kind(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]),
+        ("PodMonitor", by_kind(docs, "PodMonitor")["spec"]["selector"]["matchLabels"]),
+        ("Service", by_kind(docs, "Service")["spec"]["selector"]),
+    ):
+        assert selector.items() <= labels.items(), kind
+    assert by_kind(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+
+
+def test_the_configmap_names_only_real_settings_and_quorum_queues(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    data = by_kind(rendered["cpu"], "ConfigMap")["data"]
+    assert set(data) <= known_variables()
+    assert data["DETFLEET_QUEUE_TYPE"] == "quorum"
