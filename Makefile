@@ -73,11 +73,20 @@ train: install
 	$(BIN)/pip install -q -e '.[dev,train]'
 	$(BIN)/python -m detfleet.train
 
+# The compose stack (docs/deployment.md); each says in one line what is missing instead of failing later.
+COMPOSE := docker compose -f deploy/docker-compose.yml
+NEED_DOCKER = command -v docker >/dev/null || { echo "make $@: Docker is not installed here" >&2; exit 1; }; \
+	docker compose version >/dev/null 2>&1 || { echo "make $@: the Docker Compose plugin is missing" >&2; exit 1; }; \
+	docker info >/dev/null 2>&1 || { echo "make $@: no Docker engine answers (is the daemon running?)" >&2; exit 1; }
+
 up:
-	docker compose -f deploy/docker-compose.yml up -d --build
+	@$(NEED_DOCKER)
+	@test -f deploy/.env || { echo "make up: copy deploy/.env.example to deploy/.env and set its passwords" >&2; exit 1; }
+	$(COMPOSE) up -d --build
 
 down:
-	docker compose -f deploy/docker-compose.yml down
+	@$(NEED_DOCKER)
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out

@@ -120,6 +120,9 @@ class AdminSettings(TopologySettings):
     producer_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-producer")
     consumer_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-consumer")
     ops_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-ops")
+    monitoring_password: SecretStr | None = Field(
+        None, description="bootstrap: password of detfleet-monitoring"
+    )
     secrets_dir: Path | None = Field(None, description="bootstrap: folder of files named after each user")
     audit_log: Path = Field(
         Path("detfleet-audit.jsonl"), description="dlq replay and purge: JSON-lines audit log, appended"

@@ -86,22 +86,26 @@ class UserSpec:
     read: str
 
 
+# Each role gets what it needs and no more (docs/deployment.md says what each may and may not do). RabbitMQ's
+# read permission also allows purging a queue, and topology changes go through an administrator, not these.
 USERS = (
+    # Gateways publish frames and nothing else.
     UserSpec("detfleet-producer", "", configure="^$", write=r"^detfleet\.frames$", read="^$"),
+    # Consumers take from the lanes, the intake and the retry return path; they publish retries, DLQ entries,
+    # quarantined copies (to retry.ready) and, once that path ships, results; never frames.
     UserSpec(
         "detfleet-consumer",
         "",
         configure="^$",
-        write=r"^detfleet\.(frames|dlq|retry\..+)$",
+        write=r"^detfleet\.(dlq|retry\..+|results)$",
         read=r"^detfleet\.(realtime|bulk|intake|retry\.ready)$",
     ),
+    # Operators read (and so may purge) the DLQ and replay its entries to the frames exchange.
     UserSpec(
-        "detfleet-ops",
-        "policymaker",
-        configure=r"^detfleet\..*",
-        write=r"^detfleet\..*",
-        read=r"^detfleet\..*",
+        "detfleet-ops", "management", configure="^$", write=r"^detfleet\.frames$", read=r"^detfleet\.dlq$"
     ),
+    # Scrapers and KEDA read queue figures from the management API; no message passes through them.
+    UserSpec("detfleet-monitoring", "monitoring", configure="^$", write="^$", read="^$"),
 )
 
 

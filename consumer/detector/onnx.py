@@ -147,7 +147,9 @@ def _session(config: DetectorConfig) -> ort.InferenceSession:
     # Spinning threads steal the cores that decoding, the event loop, the broker and Postgres need; on
     # 2 cores turning it off raised raw inference from 87 to 107-142 img/s (make bench).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [CPU] if config.device == "cpu" else [CUDA, CPU]
+    wanted = [CPU] if config.device == "cpu" else [CUDA, CPU]
+    # The CPU wheel (the `cpu` extra) has no CUDA provider at all, and asking for it would fail the load.
+    providers = [p for p in wanted if p in ort.get_available_providers()] or [CPU]
     try:
         return ort.InferenceSession(str(config.model_path), sess_options=options, providers=providers)
     except Exception as error:  # ONNX Runtime's errors derive from Exception alone

@@ -75,20 +75,9 @@ class PrivateRabbit:
         for folder in ("home", "mnesia", "log"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         config = self.root / "rabbitmq.conf"
-        # Mirrors the repository's rabbitmq/rabbitmq.conf, with this node's own loopback listeners.
-        config.write_text(
-            f"listeners.tcp.local = {LOOPBACK}:{self.amqp_port}\n"
-            f"management.tcp.ip = {LOOPBACK}\n"
-            f"management.tcp.port = {self.management_port}\n"
-            f"prometheus.tcp.ip = {LOOPBACK}\n"
-            f"prometheus.tcp.port = {self.prometheus_port}\n"
-            "consumer_timeout = 1800000\n"
-            "max_message_size = 16777216\n"
-            "vm_memory_high_watermark.relative = 0.6\n"
-            "disk_free_limit.absolute = 50MB\n"
-        )
+        config.write_text(self._config_text())
         plugins = self.root / "enabled_plugins"
-        plugins.write_text("[rabbitmq_management].\n")
+        plugins.write_text(self._plugins_text())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         return env | {
             "HOME": str(self.root / "home"),
@@ -104,6 +93,23 @@ class PrivateRabbit:
             "ERL_EPMD_ADDRESS": LOOPBACK,
             "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
+
+    def _config_text(self) -> str:
+        # Mirrors the repository's rabbitmq/rabbitmq.conf, with this node's own loopback listeners.
+        return (
+            f"listeners.tcp.local = {LOOPBACK}:{self.amqp_port}\n"
+            f"management.tcp.ip = {LOOPBACK}\n"
+            f"management.tcp.port = {self.management_port}\n"
+            f"prometheus.tcp.ip = {LOOPBACK}\n"
+            f"prometheus.tcp.port = {self.prometheus_port}\n"
+            "consumer_timeout = 1800000\n"
+            "max_message_size = 16777216\n"
+            "vm_memory_high_watermark.relative = 0.6\n"
+            "disk_free_limit.absolute = 50MB\n"
+        )
+
+    def _plugins_text(self) -> str:
+        return "[rabbitmq_management].\n"
 
     def _ctl(self, *args: str, timeout: float = STOP_LIMIT_S) -> str:
         return _run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.name, *args], self._env, timeout)
@@ -157,6 +163,54 @@ class PrivateRabbit:
         self.started = False
 
 
+class ShippedRabbit(PrivateRabbit):
+    """A node booted from the repository's ``rabbitmq.conf``, ``enabled_plugins`` and a definitions folder.
+
+    Only what cannot be shared with the machine's own broker changes: the listeners move to this node's
+    loopback ports and ``load_definitions`` to ``definitions``. Every rewritten key must be in the shipped
+    file, so a changed file fails the harness instead of being silently replaced. With definitions there is
+    no guest user: the URLs carry the administrator the boot definitions name.
+    """
+
+    def __init__(
+        self, root: Path, conf: Path, plugins: Path, definitions: Path, admin: tuple[str, str]
+    ) -> None:
+        self.conf, self.plugins, self.definitions, self.admin = conf, plugins, definitions, admin
+        super().__init__(root)
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://{self.admin[0]}:{self.admin[1]}@{LOOPBACK}:{self.amqp_port}/"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.admin[0]}:{self.admin[1]}@{LOOPBACK}:{self.management_port}/"
+
+    def rewritten(self) -> dict[str, str]:
+        return {
+            "listeners.tcp.default": f"{LOOPBACK}:{self.amqp_port}",
+            "management.tcp.port": str(self.management_port),
+            "prometheus.tcp.port": str(self.prometheus_port),
+            "load_definitions": str(self.definitions),
+        }
+
+    def _config_text(self) -> str:
+        wanted, seen, lines = self.rewritten(), set[str](), []
+        for line in self.conf.read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            if key in wanted and not line.lstrip().startswith("#"):
+                seen.add(key)
+                line = f"{key} = {wanted[key]}"
+            lines.append(line)
+        if missing := set(wanted) - seen:
+            raise NodeError(f"{self.conf} no longer sets {sorted(missing)}")
+        lines += [f"management.tcp.ip = {LOOPBACK}", f"prometheus.tcp.ip = {LOOPBACK}"]
+        return "\n".join(lines) + "\n"
+
+    def _plugins_text(self) -> str:
+        return self.plugins.read_text()
+
+
 class PrivatePostgres:
     """One Postgres 15 cluster (trust auth, user postgres) on a port of its own, data in ``root``."""
 
@@ -180,6 +234,14 @@ class PrivatePostgres:
 
     def init(self) -> None:
         self._as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.data), "--no-sync")
+
+    def require_passwords(self) -> None:
+        """Between init and start: TCP logins of roles other than postgres must give their password."""
+        (self.data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            f"host all postgres {LOOPBACK}/32 trust\n"
+            f"host all all {LOOPBACK}/32 scram-sha-256\n"
+        )
 
     def _ctl(self, action: str, *extra: str) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync=off"

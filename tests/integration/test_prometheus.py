@@ -45,7 +45,10 @@ def config_for(consumer_port: int) -> dict[str, Any]:
         "rabbitmq-per-object": f"{broker_host}:{RABBITMQ_PROMETHEUS_PORT}",
     }
     config["scrape_configs"] = [
-        {**job, "static_configs": [{"targets": [targets[job["job_name"]]]}]}
+        {
+            **{k: v for k, v in job.items() if k != "dns_sd_configs"},
+            "static_configs": [{"targets": [targets[job["job_name"]]]}],
+        }
         for job in config["scrape_configs"]
         if job["job_name"] in targets
     ]
