@@ -1,4 +1,4 @@
-"""``/livez``, ``/readyz`` and ``/metrics`` on one small HTTP port.
+"""``/livez``, ``/readyz``, ``/metrics`` and ``PUT /loglevel?level=DEBUG`` on one small HTTP port.
 
 ``/livez`` fails when messages are held but no batch completed for ``stall_s`` (a hung inference, a stuck
 loop): a restart helps then. ``/readyz`` fails while the model is not warmed, the channel is closed or
@@ -7,6 +7,7 @@ Postgres does not answer: the worker takes no work then, and a restart would not
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,18 @@ def _probe(check: Callable[[], tuple[bool, str]]) -> Callable[[web.Request], obj
     return handler
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+async def set_log_level(request: web.Request) -> web.Response:
+    """``PUT /loglevel?level=DEBUG``: change the log threshold of the running replica (until it restarts)."""
+    level = request.query.get("level", "").upper()
+    if level not in LEVELS:
+        return web.Response(status=400, text=f"level must be one of {', '.join(LEVELS)}\n")
+    logging.getLogger().setLevel(level)
+    return web.Response(text=f"log level {level}\n")
+
+
 async def start_health_server(state: HealthState, metrics: ConsumerMetrics, port: int) -> web.AppRunner:
     async def metrics_handler(_: web.Request) -> web.Response:
         return web.Response(
@@ -66,6 +79,7 @@ async def start_health_server(state: HealthState, metrics: ConsumerMetrics, port
     app.router.add_get("/livez", _probe(state.live))  # type: ignore[arg-type]
     app.router.add_get("/readyz", _probe(state.ready))  # type: ignore[arg-type]
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_put("/loglevel", set_log_level)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()  # probes come from the kubelet

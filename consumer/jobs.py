@@ -64,6 +64,11 @@ class Job:
         return self.delivery.envelope.redelivered
 
     @property
+    def camera_id(self) -> str | None:
+        """The camera, from the task or, for a message off the contract, what could be read of it."""
+        return self.task.camera_id if self.task else readable_fields(self.delivery.envelope).camera_id
+
+    @property
     def task_id(self) -> uuid.UUID:
         """The key of the message's row and of its DLQ entry (see :func:`task_id_of`)."""
         return task_id_of(self.delivery.envelope, self.task)

@@ -118,6 +118,9 @@ class Settler:
         )
         for job, action, ok in zip(jobs, actions, confirmed, strict=True):
             self._metrics.outcomes.labels(action.kind).inc()
+            if action.status is not None:
+                lane = job.task.lane if job.task else None
+                self._metrics.frame_settled(lane, job.camera_id, action.status)
             if action.requeue or not ok:
                 await job.acker.requeue(job.delivery)
             else:

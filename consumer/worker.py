@@ -46,7 +46,7 @@ class Worker:
     ):
         self.settings = settings
         self.detector = detector
-        self.metrics = metrics or ConsumerMetrics()
+        self.metrics = metrics or ConsumerMetrics(max_cameras=settings.metrics_max_cameras)
         self.health = HealthState(stall_s=settings.stall_s, held=self.held)
         limit = BatchLimit(settings.max_batch, settings.oom_cooldown_s)
         self.batcher = Batcher(limit, settings.max_wait_ms / 1000)
@@ -127,6 +127,7 @@ class Worker:
             await self._settler.requeue([job])
             return
         admit(job)
+        self.metrics.frame_received(job.camera_id)
         self.batcher.add(job)
 
     def _connection_lost(self) -> None:

@@ -181,6 +181,9 @@ class ConsumerSettings(TopologySettings):
     max_crashes: int = Field(
         2, ge=1, description="Unfinished starts of a redelivered task before it is failed unrun"
     )
+    metrics_max_cameras: int = Field(
+        200, gt=0, description="Cameras with series of their own; the rest share camera=other"
+    )
     oom_cooldown_s: float = Field(
         30.0, gt=0, description="After an out-of-memory batch: how long the halved batch limit holds"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 
@@ -88,3 +89,29 @@ async def test_readiness_follows_warm_up_and_metrics_are_exposed(
     for name in METRICS:
         assert name in body, name
     assert 'detfleet_outcomes_total{kind="ok"} 1.0' in body
+    assert 'detfleet_camera_frames_settled_total{camera="cam-1",lane="bulk",status="ok"} 1.0' in body
+    assert 'detfleet_camera_frames_received_total{camera="cam-1"} 1.0' in body
+
+
+async def test_the_log_level_changes_at_run_time(topology_settings: AdminSettings, database_url: str) -> None:
+    await db.migrate(database_url)
+    port = free_port()
+    settings = consumer_settings(topology_settings, database_url, health_port=port, exit_when_idle_s=None)
+    root = logging.getLogger()
+    before = root.level
+    try:
+        async with running(settings, FakeDetector()):
+            await wait_for_status(port, "/readyz", 200)
+            assert await put(port, "/loglevel?level=debug") == (200, "log level DEBUG\n")
+            assert root.level == logging.DEBUG
+            status, text = await put(port, "/loglevel?level=LOUD")
+            assert status == 400
+            assert "DEBUG, INFO, WARNING, ERROR" in text
+            assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(before)
+
+
+async def put(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.put(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
