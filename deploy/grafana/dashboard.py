@@ -16,10 +16,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import dashboard, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import Dashboard, DashboardCursorSync, DataSourceRef, Panel
+from grafana_foundation_sdk.models.common import GraphThresholdsStyleMode
+from grafana_foundation_sdk.models.dashboard import (
+    Dashboard,
+    DashboardCursorSync,
+    DataSourceRef,
+    Panel,
+    Threshold,
+    ThresholdsMode,
+)
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "detfleet.json"
@@ -32,6 +40,7 @@ STAGES = ("queue_wait", "decode", "inference", "sink", "end_to_end")
 DEAD_LETTER_KINDS = "bad_input|transient_exhausted|deadline_exceeded|dropped_by_broker"
 DETFLEET_QUEUES = 'queue=~"detfleet\\\\..*"'
 WIDTH = 24  # Grafana's grid is 24 columns wide
+END_TO_END_TARGET_S = 10.0  # the DetfleetEndToEndSlow alert's threshold, drawn on the end-to-end panel
 REF_IDS = "ABCDEFGH"  # a query's name within its panel; Grafana wants them unique
 
 
@@ -120,7 +129,13 @@ def latency_panels() -> list[Builder[Panel]]:
                 query(quantile(q, "detfleet_end_to_end_seconds"), f"p{round(q * 100)}")
                 for q in (0.5, 0.95, 0.99)
             ),
-        ),
+        )
+        .thresholds(
+            dashboard.ThresholdsConfig()
+            .mode(ThresholdsMode.ABSOLUTE)
+            .steps([Threshold(None, "green"), Threshold(END_TO_END_TARGET_S, "red")])
+        )
+        .thresholds_style(common.GraphThresholdsStyleConfig().mode(GraphThresholdsStyleMode.DASHED)),
     ]
 
 

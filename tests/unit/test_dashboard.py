@@ -86,3 +86,12 @@ def test_metric_names_skips_functions_labels_and_keywords() -> None:
         "histogram_quantile(0.95, sum by (le) (rate(detfleet_sink_seconds_bucket[5m]))) or count(up == 1)"
     )
     assert metric_names(expr) == {"rabbitmq_queue_messages_ready", "detfleet_sink_seconds_bucket", "up"}
+
+
+def test_the_end_to_end_panel_draws_the_alerts_threshold() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    [slow] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "DetfleetEndToEndSlow"]
+    alert_threshold = float(str(slow["expr"]).rsplit(">", 1)[1])
+    [panel] = [p for p in committed()["panels"] if p["title"].startswith("End to end")]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["value"] == alert_threshold
