@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := detfleet shared producer consumer
 
-.PHONY: help install services tools setup test unit integration lint format demo bench soak train up down clean
+.PHONY: help install services tools setup test unit integration lint format demo bench soak train up down clean dashboard
 
 help:
 	@echo "make demo   run the main job end to end"
@@ -35,13 +35,13 @@ setup: install services
 	$(BIN)/detfleet db migrate
 
 lint: install
-	$(BIN)/ruff check $(PACKAGES) tests bench
-	$(BIN)/ruff format --check $(PACKAGES) tests bench
+	$(BIN)/ruff check $(PACKAGES) tests bench deploy/grafana
+	$(BIN)/ruff format --check $(PACKAGES) tests bench deploy/grafana
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format $(PACKAGES) tests bench
-	$(BIN)/ruff check --fix $(PACKAGES) tests bench
+	$(BIN)/ruff format $(PACKAGES) tests bench deploy/grafana
+	$(BIN)/ruff check --fix $(PACKAGES) tests bench deploy/grafana
 
 unit: install
 	$(BIN)/pytest tests/unit -q
@@ -90,3 +90,7 @@ down:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out
+
+# Regenerates deploy/grafana/dashboards/detfleet.json from deploy/grafana/dashboard.py.
+dashboard: install
+	$(BIN)/python deploy/grafana/dashboard.py

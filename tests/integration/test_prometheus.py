@@ -1,5 +1,5 @@
-"""The shipped alerts on a real Prometheus: the fleet-down alert fires when the last consumer stops while
-work waits.
+"""The shipped alerts and dashboard on a real Prometheus: the fleet-down alert fires when the last consumer
+stops while work waits, and every metric the alerts and the Grafana dashboard read has a series.
 
 Prometheus (Debian's package, installed by scripts/tools.sh) runs on loopback with deploy/prometheus's
 configuration and rules as shipped; only the targets point at this test's consumer and the local broker,
@@ -15,26 +15,33 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import start_http_server
 
+from producer.metrics import ProducerMetrics
+from producer.publisher import AsyncPublisher
 from shared.broker.aio import Broker
-from shared.settings import DEFAULT_MANAGEMENT_URL, AdminSettings, shipped_model_path
+from shared.errors import UnroutableError
+from shared.management import Management
+from shared.settings import DEFAULT_MANAGEMENT_URL, AdminSettings, ProducerSettings, shipped_model_path
 from shared.topology import QUEUE_BULK, vhost_of
 from tests.integration.consumer_support import consumer_process, jpeg, make_task, publish
 from tests.integration.test_consumer_faults import eventually
 from tests.integration.test_consumer_health import free_port
+from tests.support.promql import dashboard_expressions, shipped_metric_names
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 ALERT_WAIT_S = 180.0  # the rule's for: 1m plus scrapes and evaluations; a bound against hangs
 RABBITMQ_PROMETHEUS_PORT = 15692
 
 
-def config_for(consumer_port: int) -> dict[str, Any]:
-    """The shipped configuration with this test's targets and short intervals."""
+def config_for(consumer_port: int, producer_port: int | None = None) -> dict[str, Any]:
+    """The shipped configuration with this test's targets and short intervals (no producer job without
+    ``producer_port``)."""
     config: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(DEPLOY / "rules.yml")]
@@ -44,6 +51,8 @@ def config_for(consumer_port: int) -> dict[str, Any]:
         "rabbitmq": f"{broker_host}:{RABBITMQ_PROMETHEUS_PORT}",
         "rabbitmq-per-object": f"{broker_host}:{RABBITMQ_PROMETHEUS_PORT}",
     }
+    if producer_port is not None:
+        targets["detfleet-producer"] = f"127.0.0.1:{producer_port}"
     config["scrape_configs"] = [
         {
             **{k: v for k, v in job.items() if k != "dns_sd_configs"},
@@ -155,3 +164,82 @@ async def test_the_fleet_down_alert_fires_when_the_last_consumer_stops_with_a_ba
             base, f'rabbitmq_queue_messages_ready{{vhost="{vhost}",queue="{QUEUE_BULK}"}}'
         )
         assert backlog["value"][1] == "20"
+
+
+def consumer_env(topology_settings: AdminSettings, results_db: str, port: int, name: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DETFLEET_")} | {
+        "DETFLEET_AMQP_URL": topology_settings.amqp_url,
+        "DETFLEET_DATABASE_URL": results_db,
+        "DETFLEET_HEALTH_PORT": str(port),
+        "DETFLEET_CONSUMER_ID": name,
+    }
+
+
+async def names_with_series(base: str, names: set[str]) -> set[str]:
+    pattern = "|".join(sorted(names))
+    found = await query(base, f'count by (__name__) ({{__name__=~"{pattern}"}})')
+    return {series["metric"]["__name__"] for series in found}
+
+
+async def rule_health(base: str) -> dict[str, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/rules") as response:
+        body = await response.json()
+    return {rule["name"]: rule["health"] for group in body["data"]["groups"] for rule in group["rules"]}
+
+
+async def publish_frames(settings: ProducerSettings, metrics: ProducerMetrics, count: int) -> None:
+    """``count`` frames the consumer settles, and one returned as unroutable (its exchange has no binding),
+    so the producer's counters the dashboard and the alerts read all have a series."""
+    async with AsyncPublisher(settings, metrics=metrics) as publisher:
+        for seed in range(count):
+            await publisher.publish(jpeg(seed), camera="cam-1", site="site-a")
+    async with AsyncPublisher(settings, metrics=metrics, exchange="test.unbound") as unbound:
+        with pytest.raises(UnroutableError):
+            await unbound.publish(jpeg(), camera="cam-1", site="site-a")
+
+
+@pytest.mark.timeout(300)
+async def test_every_metric_the_dashboard_and_the_alerts_read_has_a_series(
+    topology_settings: AdminSettings, results_db: str, management: Management, tmp_path: Path
+) -> None:
+    vhost = vhost_of(topology_settings.amqp_url)
+    await management.request(
+        "PUT", f"/exchanges/{quote(vhost, safe='')}/test.unbound", {"type": "topic", "durable": False}
+    )
+    consumer_port, producer_port = free_port(), free_port()
+    env = consumer_env(topology_settings, results_db, consumer_port, "dashboard-test")
+    # The producer's registry served as `detfleet produce --metrics-port` serves it.
+    metrics = ProducerMetrics()
+    server, thread = start_http_server(producer_port, addr="127.0.0.1", registry=metrics.registry)
+    wanted = shipped_metric_names()
+    try:
+        async with (
+            prometheus(config_for(consumer_port, producer_port), tmp_path) as base,
+            consumer_process(shipped_model_path(), env, tmp_path / "consumer.log"),
+        ):
+            producer = ProducerSettings(
+                amqp_url=topology_settings.amqp_url, producer_name="gateway-dashboard"
+            )
+            await publish_frames(producer, metrics, 8)
+
+            async def every_name_has_a_series() -> bool:
+                return await names_with_series(base, wanted) == wanted
+
+            with contextlib.suppress(AssertionError):
+                await eventually(every_name_has_a_series, "every queried metric has a series", 120)
+            assert wanted - await names_with_series(base, wanted) == set()
+
+            for expr in dashboard_expressions():
+                await query(base, expr.replace("$__rate_interval", "1m"))  # asserts Prometheus accepts it
+
+            async def every_rule_evaluated() -> bool:
+                health = await rule_health(base)
+                return bool(health) and "unknown" not in health.values()
+
+            await eventually(every_rule_evaluated, "Prometheus evaluated every rule", 60)
+            health = await rule_health(base)
+            assert {name: h for name, h in health.items() if h != "ok"} == {}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
