@@ -12,6 +12,7 @@ in the buffer and is sent again: the broker may hold it twice, and the task id d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -43,6 +44,7 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.frames import inspect_frame
+from shared.logs import task_context
 from shared.schema import (
     Envelope,
     Task,
@@ -529,12 +531,13 @@ class AsyncPublisher:
     @staticmethod
     def _log_backoff(item: _Outgoing, state: RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0.0
-        logger.info(
-            "Frame %s nacked (queue full?): retry %d in %.2f s",
-            item.task.task_id,
-            state.attempt_number,
-            delay,
-        )
+        with _frame_context(item):
+            logger.info(
+                "Frame %s nacked (queue full?): retry %d in %.2f s",
+                item.task.task_id,
+                state.attempt_number,
+                delay,
+            )
 
     def _resend(self, item: _Outgoing, error: BrokerError) -> None:
         if item.sends >= MAX_SENDS:
@@ -546,13 +549,15 @@ class AsyncPublisher:
         self._buffers.requeue(item.lane, item)
 
     def _fail(self, item: _Outgoing, error: BaseException) -> None:
-        logger.warning("Frame %s not published: %s", item.task.task_id, error)
+        with _frame_context(item):
+            logger.warning("Frame %s not published: %s", item.task.task_id, error)
         if not item.outcome.done():
             item.outcome.set_exception(error)
 
     def _drop(self, item: _Outgoing, reason: str, why: str) -> None:
         self.metrics.dropped(item.lane, reason)
-        logger.debug("Dropped realtime frame %s: %s", item.task.task_id, why)
+        with _frame_context(item):
+            logger.debug("Dropped realtime frame %s: %s", item.task.task_id, why)
         if not item.outcome.done():
             item.outcome.set_exception(FrameDroppedError(f"frame {item.task.task_id} dropped: {why}"))
 
@@ -574,3 +579,8 @@ class AsyncPublisher:
 
 
 __all__ = ["AsyncPublisher", "FrameDroppedError"]
+
+
+def _frame_context(item: _Outgoing) -> contextlib.AbstractContextManager[None]:
+    """Per-frame log lines carry the task id and trace id, as the consumer's do."""
+    return task_context(str(item.task.task_id), item.task.trace_id)
