@@ -241,45 +241,64 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def render(report: Report) -> Group:
-    queues = Table(title=f"queues (vhost {report.vhost})")
-    for column in ("queue", "ready", "unacked", "consumers", "in", "out"):
-        queues.add_column(column, justify="left" if column == "queue" else "right")
-    for q in report.queues:
-        queues.add_row(
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    """A table whose first column reads left and the figures right."""
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _queues_table(report: Report) -> Table:
+    rows = [
+        [
             q.name,
             _cell(q.ready),
             _cell(q.unacked),
             _cell(q.consumers),
             _cell(q.in_rate, rate=True),
             _cell(q.out_rate, rate=True),
+        ]
+        for q in report.queues
+    ]
+    columns = ("queue", "ready", "unacked", "consumers", "in", "out")
+    return _table(f"queues (vhost {report.vhost})", columns, rows)
+
+
+def _rows_parts(report: Report) -> list[Table | Text]:
+    """Rows of the last minute, DLQ reasons and consumers seen; a line instead of an empty table."""
+    window = _minutes(report.window_s)
+    parts: list[Table | Text] = [
+        _table(
+            "rows written in the last minute",
+            ("", *STATUSES),
+            [["rows", *(str(report.rows_last_minute[s]) for s in STATUSES)]],
         )
-    rows = Table(title="rows written in the last minute")
-    for status in STATUSES:
-        rows.add_column(status, justify="right")
-    rows.add_row(*(str(report.rows_last_minute[s]) for s in STATUSES))
-    dlq = Table(title=f"DLQ entries by reason ({sum(report.dlq_by_reason.values())})")
-    dlq.add_column("reason")
-    dlq.add_column("entries", justify="right")
-    for reason, count in report.dlq_by_reason.items():
-        dlq.add_row(reason, str(count))
-    seen = Table(title=f"consumers seen in the last {_minutes(report.window_s)}")
-    for column in ("consumer", "model sha256", "rows"):
-        seen.add_column(column, justify="right" if column == "rows" else "left")
-    for c in report.consumers_seen:
-        seen.add_row(c.consumer_id, c.model_sha256 or "(unknown)", str(c.rows))
-    parts: list[Any] = [queues, rows]
-    parts.append(dlq if report.dlq_by_reason else Text("DLQ: no entries"))
+    ]
+    total = sum(report.dlq_by_reason.values())
+    dlq = [[reason, str(count)] for reason, count in report.dlq_by_reason.items()]
     parts.append(
-        seen
-        if report.consumers_seen
-        else Text(f"no rows from any consumer in the last {_minutes(report.window_s)}")
+        _table(f"DLQ entries by reason ({total})", ("reason", "entries"), dlq)
+        if dlq
+        else Text("DLQ: no entries")
+    )
+    seen = [[c.consumer_id, c.model_sha256 or "(unknown)", str(c.rows)] for c in report.consumers_seen]
+    parts.append(
+        _table(f"consumers seen in the last {window}", ("consumer", "model sha256", "rows"), seen)
+        if seen
+        else Text(f"no rows from any consumer in the last {window}")
     )
     if len(report.models) > 1:
         parts.append(Text(f"mixed fleet: {len(report.models)} models running", style="bold yellow"))
-    parts.append(_advice_text(report.advice))
-    parts += [Text(f"missing: {m}", style="yellow") for m in report.missing]
-    return Group(*parts)
+    return parts
+
+
+def render(report: Report) -> Group:
+    """The whole report as rich renderables: what the tables and ``--watch`` show."""
+    missing = [Text(f"missing: {m}", style="yellow") for m in report.missing]
+    return Group(_queues_table(report), *_rows_parts(report), _advice_text(report.advice), *missing)
 
 
 def _advice_text(advice: Advice) -> Text:
@@ -310,7 +329,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected seconds above zero, got {text!r}")
     return value
 

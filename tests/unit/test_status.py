@@ -98,7 +98,14 @@ def test_watch_refreshes_until_ctrl_c_then_exits_0(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize(
-    "argv", [["--json", "--watch"], ["--drain-within", "0s"], ["--watch", "-1"], ["--window", "soon"]]
+    "argv",
+    [
+        ["--json", "--watch"],
+        ["--drain-within", "0s"],
+        ["--watch", "-1"],
+        ["--watch", "inf"],
+        ["--window", "soon"],
+    ],
 )
 def test_bad_options_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as stopped:
