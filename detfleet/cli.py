@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("detfleet.ops:broker_main", "bootstrap broker users and passwords"),
     "db": ("detfleet.ops:db_main", "create the database, apply migrations, prune old rows"),
     "dlq": ("detfleet.dlq:main", "list, show, replay, export and purge failed tasks and their DLQ entries"),
+    "status": ("detfleet.status:main", "queues, rows, DLQ reasons, consumers and scale advice"),
 }
 
 

@@ -92,3 +92,17 @@ class Management:
     async def queue(self, vhost: str, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("GET", f"/queues/{_q(vhost)}/{_q(name)}")
         return result
+
+    async def queues(self, vhost: str) -> list[dict[str, Any]]:
+        """Every queue of ``vhost`` with its depths, consumer count and ``message_stats`` (rates)."""
+        result: list[dict[str, Any]] = await self.request("GET", f"/queues/{_q(vhost)}")
+        return result
+
+
+def rate_of(queue: dict[str, Any], stat: str) -> float:
+    """A queue's current rate of ``stat`` (``publish``, ``deliver_get``, ``ack``...), 0.0 when never seen.
+
+    The management API leaves out ``message_stats`` (or one stat of it) until the queue has seen one.
+    """
+    details = queue.get("message_stats", {}).get(f"{stat}_details", {})
+    return float(details.get("rate", 0.0))

@@ -243,6 +243,17 @@ class Broker:
             finally:
                 await channel.close()
 
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """Ready messages and consumers of ``queue``: all a passive declare tells (no unacked, no rates)."""
+        with translated_errors(f"inspect {queue}"):
+            channel = await self._connection.channel()
+            try:
+                result = (await channel.declare_queue(queue, passive=True)).declaration_result
+                return int(result.message_count or 0), int(result.consumer_count or 0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
     async def purge(self, queue: str) -> int:
         """Delete every ready message of ``queue``; returns how many."""
         with translated_errors(f"purge {queue}"):
