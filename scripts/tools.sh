@@ -19,3 +19,13 @@ if ! command -v kubectl >/dev/null; then
   install_kubectl() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null; }
   install_kubectl || { apt-get update -q >/dev/null && install_kubectl; } || { echo "tools: could not install kubernetes-client (kubectl)" >&2; exit 1; }
 fi
+
+# openssl makes the test CA and certificates of tests/integration/test_tls.py.
+if ! command -v openssl >/dev/null; then
+  if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+    echo "tools: openssl is missing; install Debian's openssl package" >&2
+    exit 1
+  fi
+  install_openssl() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >/dev/null; }
+  install_openssl || { apt-get update -q >/dev/null && install_openssl; } || { echo "tools: could not install openssl" >&2; exit 1; }
+fi

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -59,6 +59,21 @@ def _check_scheme(url: str, schemes: Iterable[str]) -> str:
     return url
 
 
+# TLS: certificate files ride on the URLs as query parameters (docs/deployment.md, "TLS"): aiormq's names
+# on ``amqps://`` (shared.broker.tls hands them to pika too), libpq's on Postgres (asyncpg reads them).
+AMQP_CERTIFICATE_PARAMS = ("cafile", "certfile", "keyfile")
+DATABASE_CERTIFICATE_PARAMS = ("sslrootcert", "sslcert", "sslkey")
+
+
+def _check_certificate_files(url: str, params: Iterable[str]) -> str:
+    """A certificate file the URL names must exist: a typo stops start-up, not the first connect."""
+    wanted = tuple(params)
+    for key, value in parse_qsl(urlsplit(url).query):
+        if key in wanted and not Path(value).is_file():
+            raise ValueError(f"{key} {value} is not a readable file")
+    return url
+
+
 class DetfleetSettings(BaseSettings):
     """Fields every process has: where the broker, its management API and the database are, and logging."""
 
@@ -81,7 +96,9 @@ class DetfleetSettings(BaseSettings):
     @field_validator("amqp_url", "management_url", "database_url", check_fields=False)
     @classmethod
     def _valid_url(cls, value: str, info: Any) -> str:
-        return _check_scheme(value, cls._url_schemes[info.field_name])
+        _check_scheme(value, cls._url_schemes[info.field_name])
+        params = {"amqp_url": AMQP_CERTIFICATE_PARAMS, "database_url": DATABASE_CERTIFICATE_PARAMS}
+        return _check_certificate_files(value, params.get(info.field_name, ()))
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every password masked: what start-up logs."""

@@ -28,6 +28,7 @@ from aio_pika.exceptions import (
 )
 
 from shared.broker.refusals import connect_refusals
+from shared.broker.tls import tls_context
 from shared.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -159,9 +160,12 @@ class Broker:
     @classmethod
     async def connect(cls, url: str, name: str, robust: bool = True, timeout: float = 10.0) -> Broker:
         """Connect, or raise :class:`BrokerUnavailableError` naming the masked URL."""
+        context = tls_context(url)
         with translated_errors(f"connect to {mask_url(url)}"), connect_refusals(url):
             connect = aio_pika.connect_robust if robust else aio_pika.connect
-            connection = await connect(url, client_properties={"connection_name": name}, timeout=timeout)
+            connection = await connect(
+                url, client_properties={"connection_name": name}, timeout=timeout, ssl_context=context
+            )
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return cls(connection, channel)  # type: ignore[arg-type]
 

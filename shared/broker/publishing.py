@@ -15,6 +15,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from shared.broker.aio import to_message, translated_errors
+from shared.broker.tls import tls_context
 from shared.errors import BrokerError, BrokerUnavailableError
 from shared.schema import Envelope
 from shared.settings import mask_url
@@ -33,9 +34,10 @@ class ConfirmChannel:
     @classmethod
     async def open(cls, url: str, name: str, exchange: str, timeout: float = 10.0) -> ConfirmChannel:
         """Connect and check that ``exchange`` exists, or raise one of our :class:`BrokerError` types."""
+        context = tls_context(url)
         with translated_errors(f"connect to {mask_url(url)}"):
             connection = await aio_pika.connect(
-                url, client_properties={"connection_name": name}, timeout=timeout
+                url, client_properties={"connection_name": name}, timeout=timeout, ssl_context=context
             )
         try:
             channel, target = await _confirm_channel(connection, exchange)

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pamqp.frame
 import pika
@@ -30,6 +31,7 @@ import pika.exceptions
 import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 
+from shared.broker.tls import tls_context, without_tls_query
 from shared.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -218,7 +220,10 @@ def quarantine_undecodable(
 
 
 def _parameters(amqp_url: str) -> pika.URLParameters:
-    parameters = pika.URLParameters(amqp_url)
+    parameters = pika.URLParameters(without_tls_query(amqp_url))
+    context = tls_context(amqp_url)
+    if context is not None:
+        parameters.ssl_options = pika.SSLOptions(context, urlsplit(amqp_url).hostname)
     parameters.client_properties = {"connection_name": CONNECTION_NAME}
     parameters.blocked_connection_timeout = BLOCKED_TIMEOUT_S
     return parameters

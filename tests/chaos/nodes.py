@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -50,11 +51,26 @@ def _run(command: list[str], env: dict[str, str] | None = None, timeout: float =
     return done.stdout
 
 
-class PrivateRabbit:
-    """One RabbitMQ node with the management plugin, on ports of its own, data in ``root``."""
+@dataclass(frozen=True)
+class ServerTls:
+    """What a server needs for TLS: the CA its clients' certificates must chain to, its certificate, key."""
 
-    def __init__(self, root: Path) -> None:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class PrivateRabbit:
+    """One RabbitMQ node with the management plugin, on ports of its own, data in ``root``.
+
+    With ``tls`` the node also listens for ``amqps`` on ``amqps_port`` and requires a client certificate
+    signed by ``tls.ca`` there (``fail_if_no_peer_cert``).
+    """
+
+    def __init__(self, root: Path, tls: ServerTls | None = None) -> None:
         self.root = root
+        self.tls = tls
+        self.amqps_port = free_port()
         self.name = f"soak-{os.getpid()}-{root.name[-6:]}@localhost"
         self.amqp_port = free_port()
         self.dist_port = free_port()
@@ -106,6 +122,18 @@ class PrivateRabbit:
             "max_message_size = 16777216\n"
             "vm_memory_high_watermark.relative = 0.6\n"
             "disk_free_limit.absolute = 50MB\n"
+        ) + self._tls_config_text()
+
+    def _tls_config_text(self) -> str:
+        if self.tls is None:
+            return ""
+        return (
+            f"listeners.ssl.default = {LOOPBACK}:{self.amqps_port}\n"
+            f"ssl_options.cacertfile = {self.tls.ca}\n"
+            f"ssl_options.certfile = {self.tls.cert}\n"
+            f"ssl_options.keyfile = {self.tls.key}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n"
         )
 
     def _plugins_text(self) -> str:
@@ -241,6 +269,21 @@ class PrivatePostgres:
             "local all all trust\n"
             f"host all postgres {LOOPBACK}/32 trust\n"
             f"host all all {LOOPBACK}/32 scram-sha-256\n"
+        )
+
+    def require_client_certificates(self, tls: ServerTls) -> None:
+        """Between init and start: TLS on, and every TCP login needs a client certificate signed by
+        ``tls.ca`` whose common name is the role (``clientcert=verify-full``); plain TCP is refused."""
+        for name, source in (("server.crt", tls.cert), ("server.key", tls.key), ("ca.crt", tls.ca)):
+            target = self.data / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            shutil.chown(target, "postgres", "postgres")
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+            conf.write("ssl_ca_file = 'ca.crt'\n")
+        (self.data / "pg_hba.conf").write_text(
+            f"local all all trust\nhostssl all all {LOOPBACK}/32 trust clientcert=verify-full\n"
         )
 
     def _ctl(self, action: str, *extra: str) -> None:
