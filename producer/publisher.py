@@ -12,7 +12,6 @@ in the buffer and is sent again: the broker may hold it twice, and the task id d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -44,7 +43,6 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.frames import inspect_frame
-from shared.logs import task_context
 from shared.schema import (
     Envelope,
     Task,
@@ -531,13 +529,12 @@ class AsyncPublisher:
     @staticmethod
     def _log_backoff(item: _Outgoing, state: RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0.0
-        with _frame_context(item):
-            logger.info(
-                "Frame %s nacked (queue full?): retry %d in %.2f s",
-                item.task.task_id,
-                state.attempt_number,
-                delay,
-            )
+        logger.info(
+            "Frame %s nacked (queue full?): retry %d in %.2f s",
+            item.task.task_id,
+            state.attempt_number,
+            delay,
+        )
 
     def _resend(self, item: _Outgoing, error: BrokerError) -> None:
         if item.sends >= MAX_SENDS:
@@ -549,15 +546,13 @@ class AsyncPublisher:
         self._buffers.requeue(item.lane, item)
 
     def _fail(self, item: _Outgoing, error: BaseException) -> None:
-        with _frame_context(item):
-            logger.warning("Frame %s not published: %s", item.task.task_id, error)
+        logger.warning("Frame %s not published: %s", item.task.task_id, error)
         if not item.outcome.done():
             item.outcome.set_exception(error)
 
     def _drop(self, item: _Outgoing, reason: str, why: str) -> None:
         self.metrics.dropped(item.lane, reason)
-        with _frame_context(item):
-            logger.debug("Dropped realtime frame %s: %s", item.task.task_id, why)
+        logger.debug("Dropped realtime frame %s: %s", item.task.task_id, why)
         if not item.outcome.done():
             item.outcome.set_exception(FrameDroppedError(f"frame {item.task.task_id} dropped: {why}"))
 
@@ -579,8 +574,3 @@ class AsyncPublisher:
 
 
 __all__ = ["AsyncPublisher", "FrameDroppedError"]
-
-
-def _frame_context(item: _Outgoing) -> contextlib.AbstractContextManager[None]:
-    """Per-frame log lines carry the task id and trace id, as the consumer's do."""
-    return task_context(str(item.task.task_id), item.task.trace_id)
