@@ -70,7 +70,6 @@ class BlockingPublisher:
         deadline: datetime | None = None,
         trace_id: str | None = None,
         timeout: float | None = None,
-        frame_key: str | None = None,
     ) -> uuid.UUID:
         """Publish one frame and return its task id once confirmed; errors as
         :meth:`AsyncPublisher.publish <producer.publisher.AsyncPublisher.publish>`."""
@@ -84,7 +83,6 @@ class BlockingPublisher:
                 deadline=deadline,
                 trace_id=trace_id,
                 timeout=timeout,
-                frame_key=frame_key,
             )
         )
 

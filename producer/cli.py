@@ -52,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=_positive_int, help="stop after this many frames")
     parser.add_argument("--loop", action="store_true", help="start the source again when it ends")
     parser.add_argument(
-        "--deterministic-ids",
-        action="store_true",
-        help="task id = UUIDv5(site, camera, frame): a file's path and content, a video's frame index",
+        "--deterministic-ids", action="store_true", help="task id = UUIDv5(site, camera, time)"
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -170,12 +168,7 @@ async def _publish_all(
         await pacer.wait()
         try:
             outcome = await publisher.submit(
-                frame.body,
-                camera=args.camera,
-                site=args.site,
-                lane=args.lane,
-                captured_at=frame.captured_at,
-                frame_key=frame.key,
+                frame.body, camera=args.camera, site=args.site, lane=args.lane, captured_at=frame.captured_at
             )
         except FrameRejectedError as error:
             logger.warning("Refused %s: %s", frame.origin, error)

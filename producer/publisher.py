@@ -43,14 +43,7 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.frames import inspect_frame
-from shared.schema import (
-    Envelope,
-    Task,
-    deterministic_task_id,
-    frame_task_id,
-    realtime_deadline,
-    routing_key,
-)
+from shared.schema import Envelope, Task, deterministic_task_id, realtime_deadline, routing_key
 from shared.settings import Lane, ProducerSettings, mask_url
 from shared.topology import EXCHANGE_FRAMES
 
@@ -248,19 +241,15 @@ class AsyncPublisher:
         deadline: datetime | None = None,
         trace_id: str | None = None,
         timeout: float | None = None,
-        frame_key: str | None = None,
     ) -> uuid.UUID:
         """Publish one frame and return its task id once the broker confirmed it.
-
-        ``frame_key`` names the frame for good (a file's path and content, a video's frame index): with
-        deterministic ids the task id is derived from it, so a resend of the same frame is the same task.
 
         Raises :class:`FrameRejectedError` (bad image), :class:`UnroutableError`, :class:`PublishNackedError`
         (bulk lane full past the retries), :class:`FrameDroppedError` (realtime, pushed out) or
         :class:`PublishTimeoutError` (no confirm within ``timeout``, default ``confirm_timeout_s`` plus the
         nack backoff; the frame stays queued and may still be delivered).
         """
-        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id, frame_key)
+        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id)
         wait = timeout if timeout is not None else self.confirm_wait_s()
         try:
             return await asyncio.wait_for(asyncio.shield(item.outcome), wait)
@@ -280,11 +269,10 @@ class AsyncPublisher:
         captured_at: datetime | None = None,
         deadline: datetime | None = None,
         trace_id: str | None = None,
-        frame_key: str | None = None,
     ) -> asyncio.Future[uuid.UUID]:
         """Queue one frame; the future resolves to its task id once confirmed (or to the error of
         :meth:`publish`). Waits only while a full bulk buffer has no room, up to ``bulk_block_timeout_s``."""
-        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id, frame_key)
+        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id)
         return item.outcome
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -331,14 +319,11 @@ class AsyncPublisher:
         captured_at: datetime | None,
         deadline: datetime | None,
         trace_id: str | None,
-        frame_key: str | None = None,
     ) -> _Outgoing:
         if self._closed or self._sender is None:
             raise BrokerUnavailableError("publisher is not running (start it, or it was closed)")
         lane = lane or self.settings.lane
-        item = self._outgoing(
-            frame, self._task(lane, site, camera, captured_at, deadline, trace_id, frame_key)
-        )
+        item = self._outgoing(frame, self._task(lane, site, camera, captured_at, deadline, trace_id))
         stalled = self._stall.stalled or self._link.channel is None
         if lane == "realtime":
             for old in self._buffers.admit_realtime(item):
@@ -354,15 +339,6 @@ class AsyncPublisher:
             self.metrics.buffered(lane)
         return item
 
-    def _task_id(self, site: str, camera: str, captured: datetime, frame_key: str | None) -> uuid.UUID:
-        """A fresh id, or with deterministic ids one that means "this frame": from the frame's key where
-        the caller names one, else from the capture time."""
-        if not self._deterministic_ids:
-            return uuid.uuid4()
-        if frame_key is not None:
-            return frame_task_id(site, camera, frame_key)
-        return deterministic_task_id(site, camera, captured)
-
     def _task(
         self,
         lane: Lane,
@@ -371,14 +347,15 @@ class AsyncPublisher:
         captured_at: datetime | None,
         deadline: datetime | None,
         trace_id: str | None,
-        frame_key: str | None = None,
     ) -> Task:
         captured = captured_at or datetime.now(UTC)
         if lane == "realtime" and deadline is None:
             deadline = realtime_deadline(captured, self.settings.realtime_deadline_ms)
         try:
             routing_key(lane, site, camera)
-            task_id = self._task_id(site, camera, captured, frame_key)
+            task_id = (
+                deterministic_task_id(site, camera, captured) if self._deterministic_ids else uuid.uuid4()
+            )
             return Task(
                 task_id=task_id,
                 lane=lane,

@@ -7,11 +7,10 @@ or PNG is skipped with a warning and counted; a source that cannot be read raise
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,11 +34,6 @@ class SourceFrame:
     body: bytes
     captured_at: datetime
     origin: str
-    key: str  # what identifies the frame for good: deterministic task ids derive from it
-
-
-def content_digest(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
 
 
 def is_accepted_image(head: bytes) -> bool:
@@ -91,8 +85,7 @@ class FolderSource(FrameSource):
         if not is_accepted_image(body[:8]):
             self._skip(str(path), "not a JPEG or PNG image")
             return None
-        relative = path.relative_to(self.root).as_posix()
-        return SourceFrame(body, datetime.now(UTC), str(path), f"{relative}:{content_digest(body)}")
+        return SourceFrame(body, datetime.now(UTC), str(path))
 
 
 class ImageFileSource(FrameSource):
@@ -102,10 +95,9 @@ class ImageFileSource(FrameSource):
         super().__init__()
         self.path = path
         self._body = path.read_bytes()
-        self._digest = content_digest(self._body)
 
     def one_pass(self) -> Iterator[SourceFrame]:
-        yield SourceFrame(self._body, datetime.now(UTC), str(self.path), f"{self.path.name}:{self._digest}")
+        yield SourceFrame(self._body, datetime.now(UTC), str(self.path))
 
 
 class VideoSource(FrameSource):
@@ -118,9 +110,6 @@ class VideoSource(FrameSource):
         self.target = target
         self._params = [int(cv2.IMWRITE_JPEG_QUALITY), jpeg_quality]
         self._first: cv2.VideoCapture | None = self._open()
-        path = Path(target)
-        stat = path.stat() if "://" not in target and path.is_file() else None
-        self._file = None if stat is None else f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def one_pass(self) -> Iterator[SourceFrame]:
         # The capture opened by the constructor serves the first pass; --loop reopens for each later one.
@@ -131,20 +120,10 @@ class VideoSource(FrameSource):
                 ok, image = capture.read()
                 if not ok:
                     return
-                captured = datetime.now(UTC)
-                yield SourceFrame(
-                    self._encode(image, index), captured, f"{self.target}#{index}", self._key(index, captured)
-                )
+                yield SourceFrame(self._encode(image, index), datetime.now(UTC), f"{self.target}#{index}")
                 index += 1
         finally:
             capture.release()
-
-    def _key(self, index: int, captured: datetime) -> str:
-        """A file's frame is its identity (name, size, mtime) and index; a live stream's frame is its grab
-        time to the microsecond plus the index, so frames sharing a millisecond stay apart."""
-        if self._file is not None:
-            return f"{self._file}#{index}"
-        return f"{self.target}@{captured.isoformat(timespec='microseconds')}#{index}"
 
     def _open(self) -> cv2.VideoCapture:
         capture = cv2.VideoCapture(self.target)
@@ -183,14 +162,11 @@ def open_source(spec: str, jpeg_quality: int = 90) -> FrameSource:
 
 
 def frames(source: FrameSource, loop: bool = False) -> Iterator[SourceFrame]:
-    """The source's frames, over and over with ``loop`` (a pass that yields nothing ends it). A later pass
-    sends the same frames again on purpose: their keys name the pass, so they are new tasks."""
-    passes = 0
+    """The source's frames, over and over with ``loop`` (a pass that yields nothing ends it)."""
     while True:
         produced = False
         for frame in source.one_pass():
             produced = True
-            yield frame if passes == 0 else replace(frame, key=f"{frame.key}#pass{passes}")
-        passes += 1
+            yield frame
         if not (loop and produced):
             return

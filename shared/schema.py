@@ -107,12 +107,6 @@ def routing_key(lane: str, site: str, camera_id: str) -> str:
     return f"{lane}.{check_name('site', site)}.{check_name('camera', camera_id)}"
 
 
-def frame_task_id(site: str, camera_id: str, frame_key: str) -> uuid.UUID:
-    """UUIDv5 of site, camera and what identifies the frame for good (a file's path and content, a video's
-    frame index): the same frame resent after a restart is the same task, two frames never are."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"detfleet:{site}/{camera_id}/frame:{frame_key}")
-
-
 def deterministic_task_id(site: str, camera_id: str, captured_at: datetime) -> uuid.UUID:
     """UUIDv5 of site, camera and capture time: a gateway resending a frame makes no second task."""
     return uuid.uuid5(uuid.NAMESPACE_URL, f"detfleet:{site}/{camera_id}@{format_time(captured_at)}")

@@ -14,7 +14,6 @@ from urllib.parse import quote
 
 import pytest
 
-from consumer.detector.fake import FakeDetector
 from producer.blocking import BlockingPublisher
 from producer.metrics import ProducerMetrics
 from producer.publisher import AsyncPublisher
@@ -24,7 +23,6 @@ from shared.management import Management
 from shared.schema import Task, format_time, parse_time
 from shared.settings import AdminSettings, ProducerSettings
 from shared.topology import QUEUE_BULK, QUEUE_REALTIME, vhost_of
-from tests.integration.consumer_support import consumer_settings, rows_by_id, run_until_idle
 from tests.support.broker import read_all
 from tests.support.frames import jpeg_bytes, png_bytes, png_header_only, write_video
 
@@ -248,29 +246,3 @@ async def test_produce_sends_video_frames_to_the_realtime_lane_up_to_its_limit(
     deliveries = await read_all(broker, QUEUE_REALTIME)
     assert len(deliveries) == 5
     assert {d.envelope.routing_key for d in deliveries} == {"realtime.site-a.cam-3"}
-
-
-async def test_deterministic_ids_give_one_task_per_file_and_a_second_run_adds_no_rows(
-    topology_settings: AdminSettings, results_db: str, tmp_path: Path
-) -> None:
-    folder = tmp_path / "drop"
-    folder.mkdir()
-    for index in range(3):  # read within the same millisecond, they once merged into one task
-        (folder / f"{index}.jpg").write_bytes(jpeg_bytes(seed=40 + index))
-    args = ("--source", str(folder), "--site", "site-a", "--camera", "cam-1", "--deterministic-ids")
-    consumer = consumer_settings(topology_settings, results_db)
-
-    code, _, err = await run_produce(topology_settings.amqp_url, *args)
-    assert code == 0, err
-    await run_until_idle(consumer, FakeDetector())
-    first = await rows_by_id(results_db)
-
-    code, _, err = await run_produce(topology_settings.amqp_url, *args)  # a resend after a restart
-    assert code == 0, err
-    await run_until_idle(consumer, FakeDetector())
-    again = await rows_by_id(results_db)
-
-    assert len(first) == 3
-    assert set(again) == set(first)
-    assert {row["status"] for row in again.values()} == {"ok"}
-    assert [row["redeliveries"] for row in again.values()] == [1, 1, 1]

@@ -104,32 +104,3 @@ def test_an_unreadable_source_raises_one_line_naming_it(tmp_path: Path, spec: st
         open_source(target)
     assert target in str(raised.value)
     assert "\n" not in str(raised.value)
-
-
-def test_frame_keys_name_each_file_by_path_and_content_the_same_on_every_run(tmp_path: Path) -> None:
-    make_folder(tmp_path)
-    first = [f.key for f in frames(open_source(str(tmp_path)))]
-    again = [f.key for f in frames(open_source(str(tmp_path)))]
-
-    assert first == again
-    assert len(set(first)) == len(first)
-    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(seed=99))  # same name, another picture: another frame
-    changed = [f.key for f in frames(open_source(str(tmp_path)))]
-    assert changed[1] != first[1]
-    assert changed[0] == first[0]
-
-
-def test_a_loop_sends_the_same_frames_again_as_new_keys(tmp_path: Path) -> None:
-    image = tmp_path / "one.jpg"
-    image.write_bytes(jpeg_bytes(seed=5))
-    looped = frames(open_source(str(image)), loop=True)
-    keys = [next(looped).key for _ in range(3)]
-    assert len(set(keys)) == 3
-
-
-def test_video_frames_are_keyed_by_the_file_and_their_index(tmp_path: Path) -> None:
-    video = write_video(tmp_path / "clip.avi", frames=4)
-    first = [f.key for f in frames(open_source(str(video)))]
-    again = [f.key for f in frames(open_source(str(video)))]
-    assert first == again
-    assert len(set(first)) == 4
