@@ -6,7 +6,6 @@ that validates tasks) never sees pika or aio-pika types.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -30,9 +29,6 @@ H_CAPTURED_AT = "captured_at"
 H_TRACE_ID = "trace_id"
 H_ATTEMPT = "x-detfleet-attempt"
 H_DEADLINE = "x-detfleet-deadline"
-# When the producer published, in milliseconds: the AMQP timestamp property has whole seconds only, which
-# made queue waits of a few milliseconds read as up to a second. Optional; the property is the fallback.
-H_PUBLISHED_AT = "x-detfleet-published-at"
 # Added to a dead-letter copy: why it failed, where it came from, when.
 H_REASON = "x-detfleet-reason"
 H_ORIGINAL_EXCHANGE = "x-detfleet-original-exchange"
@@ -167,15 +163,14 @@ class Task(BaseModel):
 
     def to_envelope(self, body: bytes, expiration_ms: int | None = None) -> Envelope:
         """The AMQP message of this task; ``expiration_ms`` only for a first publish to realtime."""
-        published = self.published_at or datetime.now(UTC)
         return Envelope(
             body=body,
             routing_key=self.routing_key,
             message_id=str(self.task_id),
-            timestamp=published,
+            timestamp=self.published_at or datetime.now(UTC),
             app_id=self.producer,
             expiration_ms=expiration_ms,
-            headers={**self.headers(), H_PUBLISHED_AT: format_time(published)},
+            headers=self.headers(),
         )
 
     @classmethod
@@ -194,7 +189,7 @@ class Task(BaseModel):
             "attempt": _header_int(headers, H_ATTEMPT),
             "deadline": _header_time(headers, H_DEADLINE, required=False),
             "producer": envelope.app_id,
-            "published_at": _published_at(envelope),
+            "published_at": _aware(envelope.timestamp),
         }
         task = _validated(raw)
         if (task.site, task.camera_id) != (site, camera):
@@ -207,16 +202,6 @@ class Task(BaseModel):
 
 def realtime_deadline(captured_at: datetime, budget_ms: int) -> datetime:
     return captured_at + timedelta(milliseconds=budget_ms)
-
-
-def _published_at(envelope: Envelope) -> datetime | None:
-    """The millisecond header where it is valid (lenient: a bad one costs nothing but precision), else the
-    AMQP timestamp property in whole seconds."""
-    text = envelope.headers.get(H_PUBLISHED_AT)
-    if isinstance(text, str):
-        with contextlib.suppress(ValueError):
-            return parse_time(text)
-    return _aware(envelope.timestamp)
 
 
 def _aware(moment: datetime | None) -> datetime | None:

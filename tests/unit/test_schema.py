@@ -22,7 +22,6 @@ from shared.schema import (
     dead_letter_copy,
     deterministic_task_id,
     format_time,
-    parse_time,
     replay_copy,
     routing_key,
 )
@@ -71,9 +70,7 @@ def test_the_message_carries_the_contract() -> None:
     assert envelope.message_id == str(task.task_id)
     assert envelope.delivery_mode == 2
     assert envelope.app_id == "gateway-3"
-    headers = dict(envelope.headers)
-    assert parse_time(headers.pop("x-detfleet-published-at")) == envelope.timestamp
-    assert headers == {
+    assert envelope.headers == {
         "x-detfleet-schema": 1,
         "camera_id": "cam_07",
         "site": "plant-1",
@@ -205,17 +202,3 @@ def test_a_reason_quotes_a_huge_value_only_in_part(headers: dict[str, Any]) -> N
     reason = str(caught.value)
     assert len(reason) < 300
     assert "characters)" in reason
-
-
-def test_the_published_at_header_carries_milliseconds_the_timestamp_property_has_not() -> None:
-    published = datetime(2026, 11, 23, 8, 0, 0, 456000, tzinfo=UTC)
-    envelope = make_task().model_copy(update={"published_at": published}).to_envelope(b"x")
-    assert envelope.headers["x-detfleet-published-at"] == "2026-11-23T08:00:00.456Z"
-
-    assert Task.from_envelope(envelope).published_at == published
-    # On the wire the property keeps whole seconds; a gateway without the header still gets a queue wait.
-    on_the_wire = replace(envelope, timestamp=published.replace(microsecond=0))
-    without = replace(on_the_wire, headers={**envelope.headers, "x-detfleet-published-at": None})
-    assert Task.from_envelope(without).published_at == published.replace(microsecond=0)
-    garbled = replace(on_the_wire, headers={**envelope.headers, "x-detfleet-published-at": "soon"})
-    assert Task.from_envelope(garbled).published_at == published.replace(microsecond=0)  # lenient
