@@ -175,6 +175,7 @@ async def produce(
                     await _publish_all(args, source, publisher, run, progress, stop)
             finally:
                 source.close()
+                await asyncio.to_thread(source.wait_closed)
                 await _await_confirms(publisher, run)
                 run.seconds = time.monotonic() - started
                 run.skipped += source.skipped

@@ -91,6 +91,10 @@ class FrameSource(ABC):
         """Stop a pass that may be waiting (a live stream); called from another thread on a signal."""
         return None
 
+    def wait_closed(self) -> None:
+        """Block until what :meth:`close` stopped has ended (a stream's grabber thread)."""
+        return None
+
     def stats(self) -> dict[str, float | int]:
         """Figures of this source for the run's summary (a stream's gaps); none for most."""
         return {}

@@ -89,7 +89,7 @@ class StreamSource(FrameSource):
         self.gaps = Gaps(on_gap)
         self._params = jpeg_params(jpeg_quality)
         self._interval = 1.0 / fps if fps else 0.0
-        self._next_at = time.monotonic()
+        self._next_at: float | None = None
         self._lock = threading.Condition()
         self._wanted = False
         self._handed: Grab | None = None
@@ -105,10 +105,11 @@ class StreamSource(FrameSource):
     def one_pass(self) -> Iterator[SourceFrame]:
         """Frames until :meth:`close`; a lost stream pauses the pass instead of ending it."""
         while not self._stopping.is_set():
-            self._wait_for_tick()
+            tick = self._wait_for_tick()
             grab = self._take()
             if grab is None:
                 return
+            self._schedule_next(tick)
             stamp = format_time(grab.captured_at)
             body = encode_jpeg(grab.image, self._params, f"{self.url}: frame of {stamp}")
             yield SourceFrame(body, grab.captured_at, f"{self.url}@{stamp}", self._key(stamp))
@@ -117,6 +118,10 @@ class StreamSource(FrameSource):
         self._stopping.set()
         with self._lock:
             self._lock.notify_all()
+
+    def wait_closed(self) -> None:
+        # A thread still inside FFmpeg when the interpreter exits aborts the process.
+        self._grabber.join(OPEN_TIMEOUT_MS / 1000 + READ_TIMEOUT_MS / 1000)
 
     def stats(self) -> dict[str, float | int]:
         return {"stream_gaps": self.gaps.count, "gap_s": round(self.gaps.seconds, 3)}
@@ -127,13 +132,20 @@ class StreamSource(FrameSource):
         self._last_ms = (stamp, same)
         return f"stream:{stamp}" + (f"/{same}" if same else "")
 
-    def _wait_for_tick(self) -> None:
-        if not self._interval:
-            return
+    def _wait_for_tick(self) -> float:
+        """Until the next tick (none without ``--fps``, the first at once); returns its time."""
         now = time.monotonic()
-        if self._next_at > now:
-            self._stopping.wait(self._next_at - now)
-        self._next_at = max(self._next_at, now) + self._interval
+        if self._next_at is None or not self._interval:
+            return now
+        self._stopping.wait(max(0.0, self._next_at - now))
+        return self._next_at
+
+    def _schedule_next(self, tick: float) -> None:
+        """One interval after this tick; but when the frame came late (the stream was away), one interval
+        after it came: ticks caught up on would publish frames only a frame interval apart."""
+        now = time.monotonic()
+        late = now - tick > self._interval / 4
+        self._next_at = (now if late else tick) + self._interval
 
     def _take(self) -> Grab | None:
         """The first frame grabbed after asking, or None once closed."""
