@@ -245,6 +245,8 @@ def _published_at(envelope: Envelope) -> datetime | None:
             f"got {quoted(value)}"
         )
     try:
+        if value < 0:
+            raise OverflowError
         return from_epoch_ms(value)
     except OverflowError:
         raise TaskValidationError(f"header {H_PUBLISHED_AT} is out of range, got {quoted(value)}") from None

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared import asyncapi
 from shared.errors import TaskValidationError, UnsupportedSchemaError
 from shared.schema import (
     H_ATTEMPT,
@@ -149,6 +152,7 @@ def test_malformed_properties_are_readable_validation_errors(change: dict[str, A
         ({H_PUBLISHED_AT: 1.5}, "header x-detfleet-published-at must be an integer"),
         ({H_PUBLISHED_AT: True}, "header x-detfleet-published-at must be an integer"),
         ({H_PUBLISHED_AT: 10**20}, "header x-detfleet-published-at is out of range"),
+        ({H_PUBLISHED_AT: -1}, "header x-detfleet-published-at is out of range"),
     ],
 )
 def test_malformed_headers_are_readable_validation_errors(headers: dict[str, Any], expected: str) -> None:
@@ -237,3 +241,23 @@ def test_a_reason_quotes_a_huge_value_only_in_part(headers: dict[str, Any]) -> N
     reason = str(caught.value)
     assert len(reason) < 300
     assert "characters)" in reason
+
+
+ASYNCAPI = Path(__file__).parents[2] / "docs" / "asyncapi.json"
+
+
+def test_the_published_asyncapi_document_is_the_one_the_schema_module_generates() -> None:
+    assert ASYNCAPI.read_text() == asyncapi.render(), "run: python -m shared.asyncapi > docs/asyncapi.json"
+
+
+def test_the_documented_headers_are_those_the_consumer_requires_and_reads() -> None:
+    headers = json.loads(ASYNCAPI.read_text())["components"]["messages"]["frame"]["headers"]
+    envelope = make_task().to_envelope(b"x")
+    assert set(envelope.headers) == set(headers["properties"])
+    for name in headers["properties"]:
+        without = envelope_of(make_task(), **{name: ...})
+        if name in headers["required"]:
+            with pytest.raises(TaskValidationError, match=name):
+                Task.from_envelope(without)
+        else:
+            Task.from_envelope(without)
