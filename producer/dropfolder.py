@@ -43,6 +43,8 @@ from shared.schema import frame_task_id
 from shared.settings import Lane
 
 logger = logging.getLogger(__name__)
+# watchfiles logs every batch of changes at INFO: one line per file dropped says nothing ours do not.
+logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 After = Literal["remove", "move"]
 # Names of files still on their way in: dot files (ProFTPD's HiddenStores, pure-ftpd, rsync) and the
