@@ -69,6 +69,7 @@ class BlockingPublisher:
         captured_at: datetime | None = None,
         deadline: datetime | None = None,
         trace_id: str | None = None,
+        key: str | None = None,
         timeout: float | None = None,
     ) -> uuid.UUID:
         """Publish one frame and return its task id once confirmed; errors as
@@ -82,6 +83,7 @@ class BlockingPublisher:
                 captured_at=captured_at,
                 deadline=deadline,
                 trace_id=trace_id,
+                key=key,
                 timeout=timeout,
             )
         )
@@ -96,6 +98,7 @@ class BlockingPublisher:
         captured_at: datetime | None = None,
         deadline: datetime | None = None,
         trace_id: str | None = None,
+        key: str | None = None,
     ) -> concurrent.futures.Future[uuid.UUID]:
         """Queue one frame without waiting for its confirm; blocks only while the bulk buffer is full."""
         return self._call(
@@ -107,6 +110,7 @@ class BlockingPublisher:
                 captured_at=captured_at,
                 deadline=deadline,
                 trace_id=trace_id,
+                key=key,
             )
         )
 

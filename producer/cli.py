@@ -1,7 +1,9 @@
 """``detfleet produce``: publish frames from a folder, an image, a video file or a stream URL.
 
 Uses the async publisher with many publishes in flight (the fast path), shows a progress bar with the
-rate on a terminal, and ends with a summary: one JSON object on stdout with ``--json``.
+rate on a terminal, and ends with a summary: one JSON object on stdout with ``--json``. With ``--watch`` a
+folder is a drop folder (producer.dropfolder): files are published as they arrive and removed (or moved)
+once confirmed, until a signal stops the command.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -35,9 +38,10 @@ from shared.settings import ProducerSettings, load_settings
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
+from producer.dropfolder import Camera, DropFolder
 from producer.metrics import ProducerMetrics
-from producer.publisher import AsyncPublisher, FrameDroppedError
-from producer.sources import FrameSource, SourceFrame, frames, open_source
+from producer.publisher import AsyncPublisher, FrameDroppedError, FrameRefusedError, log_ids
+from producer.sources import FolderSource, FrameSource, SourceError, SourceFrame, frames, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=_positive_int, help="stop after this many frames")
     parser.add_argument("--loop", action="store_true", help="start the source again when it ends")
     parser.add_argument(
-        "--deterministic-ids", action="store_true", help="task id = UUIDv5(site, camera, time)"
+        "--deterministic-ids",
+        action="store_true",
+        help="task id from the frame's identity (file path and content, video frame index, stream time)",
+    )
+    parser.add_argument(
+        "--watch", action="store_true", help="drop folder: publish files as they arrive (ids are stable)"
+    )
+    parser.add_argument(
+        "--after",
+        choices=("remove", "move"),
+        default="remove",
+        help="--watch: what becomes of a confirmed file (move: into --done)",
+    )
+    parser.add_argument("--done", type=Path, help="--watch --after move: folder for confirmed files")
+    parser.add_argument(
+        "--settle",
+        type=_positive_float,
+        default=1.0,
+        help="--watch: seconds a file must stand still before it is taken (default 1)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -82,6 +104,8 @@ class Run:
     seconds: float = 0.0
     unconfirmed: int = 0
     failures: list[BaseException] = field(default_factory=list)
+    #: The source's own figures: a stream's gaps, a drop folder's finished and left files.
+    source: dict[str, float | int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         counts = self.metrics.counts()
@@ -91,6 +115,7 @@ class Run:
             "failed": len(self.failures),
             "unconfirmed": self.unconfirmed,
             "blocked_s": round(self.metrics.blocked_seconds, 3),
+            **self.source,
             "seconds": round(self.seconds, 3),
             "frames_per_s": round(counts["confirmed"] / self.seconds, 1) if self.seconds > 0 else 0.0,
         }
@@ -142,14 +167,43 @@ async def produce(
     ) as publisher:
         # The clock starts once connected: seconds and frames/s measure publishing, not start-up.
         started = time.monotonic()
-        with _stop_on_signals(stop):
+        with _stop_on_signals(lambda: _stop(stop, source)):
             try:
-                await _publish_all(args, source, publisher, run, progress, stop)
+                if args.watch:
+                    await _watch_folder(args, publisher, run, stop)
+                else:
+                    await _publish_all(args, source, publisher, run, progress, stop)
             finally:
+                source.close()
+                await asyncio.to_thread(source.wait_closed)
                 await _await_confirms(publisher, run)
                 run.seconds = time.monotonic() - started
-                run.skipped = source.skipped
+                run.skipped += source.skipped
+                run.source.update(source.stats())
                 await publisher.close(timeout=0)
+
+
+def _stop(stop: asyncio.Event, source: FrameSource) -> None:
+    stop.set()
+    source.close()  # a live stream may be waiting for its next frame
+
+
+async def _watch_folder(
+    args: argparse.Namespace, publisher: AsyncPublisher, run: Run, stop: asyncio.Event
+) -> None:
+    folder = DropFolder(
+        Path(args.source),
+        publisher,
+        Camera(args.site, args.camera, args.lane),
+        after=args.after,
+        done_dir=args.done,
+        settle_s=args.settle,
+    )
+    try:
+        await folder.run(stop, args.limit)
+    finally:
+        run.skipped = folder.skipped
+        run.source.update({"finished": folder.counts.finished, "left": folder.counts.left})
 
 
 async def _publish_all(
@@ -160,7 +214,8 @@ async def _publish_all(
     progress: Progress,
     stop: asyncio.Event,
 ) -> None:
-    pacer = Pacer(args.fps)
+    # A live stream keeps its own pace and hands over its freshest frame at each tick.
+    pacer = Pacer(None if source.paces_itself else args.fps)
     async for frame in _frames(source, args.loop, args.limit):
         if stop.is_set():
             logger.info("Stopping on a signal: waiting for the confirms of what was published")
@@ -168,10 +223,16 @@ async def _publish_all(
         await pacer.wait()
         try:
             outcome = await publisher.submit(
-                frame.body, camera=args.camera, site=args.site, lane=args.lane, captured_at=frame.captured_at
+                frame.body,
+                camera=args.camera,
+                site=args.site,
+                lane=args.lane,
+                captured_at=frame.captured_at,
+                key=frame.key if args.deterministic_ids else None,
             )
         except FrameRejectedError as error:
-            logger.warning("Refused %s: %s", frame.origin, error)
+            extra = log_ids(error.task) if isinstance(error, FrameRefusedError) else {}
+            logger.warning("Refused %s: %s", frame.origin, error, extra=extra)
             continue
         outcome.add_done_callback(run.record)
         if progress.enabled:
@@ -186,13 +247,13 @@ async def _await_confirms(publisher: AsyncPublisher, run: Run) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     """SIGINT/SIGTERM stop reading the source; what was published still gets its confirms and a summary."""
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop)
             installed.append(sig)
     try:
         yield
@@ -257,6 +318,16 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     )
 
 
+def _check_watch(args: argparse.Namespace, source: FrameSource) -> None:
+    """--watch takes a folder and never loops; moving needs a done folder."""
+    if args.watch and not isinstance(source, FolderSource):
+        raise SourceError(f"{args.source}: --watch needs a folder")
+    if args.watch and args.loop:
+        raise SourceError("--watch publishes each file once: it does not take --loop")
+    if args.after == "move" and args.done is None:
+        raise SourceError("--after move needs --done FOLDER")
+
+
 def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv))
@@ -267,14 +338,16 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as error:
         raise TaskValidationError(str(error)) from None
     configure_logging(settings.log_level, settings.log_json)
-    source = open_source(args.source, settings.jpeg_quality)
     run = Run(ProducerMetrics())
+    source = open_source(args.source, settings.jpeg_quality, args.fps, run.metrics.stream_gap)
+    _check_watch(args, source)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, registry=run.metrics.registry)
     stopped_by: DetfleetError | None = None
-    with Progress(sys.stderr.isatty() and not args.json, args.limit) as progress:
+    # A drop folder has no end to count towards: no bar, its log and summary tell.
+    with Progress(sys.stderr.isatty() and not args.json and not args.watch, args.limit) as progress:
         try:
             asyncio.run(produce(args, settings, source, run, progress))
         except DetfleetError as error:

@@ -48,6 +48,14 @@ class ProducerMetrics:
         self._blocked = Counter(
             "detfleet_blocked_seconds", "Time frames waited for an unreachable or blocked broker", registry=r
         )
+        self._stream_gaps = Counter(
+            "detfleet_stream_gaps", "Times a live stream was lost and came back", registry=r
+        )
+        self._stream_gap_seconds = Counter(
+            "detfleet_stream_gap_seconds",
+            "Time live streams were lost, from the loss to the next frame",
+            registry=r,
+        )
         self._held = Gauge("detfleet_buffer_frames", "Frames waiting in the buffer now", ["lane"], registry=r)
         self._tally: Tally[str] = Tally()
         self._children: dict[tuple[int, str], Counter] = {}
@@ -85,6 +93,10 @@ class ProducerMetrics:
     def blocked(self, seconds: float) -> None:
         self._blocked.inc(seconds)
         self._blocked_s += seconds
+
+    def stream_gap(self, seconds: float) -> None:
+        self._stream_gaps.inc()
+        self._stream_gap_seconds.inc(seconds)
 
     @property
     def blocked_seconds(self) -> float:

@@ -43,7 +43,15 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.frames import inspect_frame
-from shared.schema import Envelope, Task, deterministic_task_id, realtime_deadline, routing_key
+from shared.schema import (
+    Envelope,
+    Task,
+    deterministic_task_id,
+    frame_task_id,
+    realtime_deadline,
+    routing_key,
+    stamp_published,
+)
 from shared.settings import Lane, ProducerSettings, mask_url
 from shared.topology import EXCHANGE_FRAMES
 
@@ -56,6 +64,19 @@ RECONNECT_MAX_S = 5.0
 # A frame whose sends keep dying with the connection is given up after this many (a poison message that
 # makes the broker close the channel would otherwise be resent forever).
 MAX_SENDS = 20
+
+
+def log_ids(task: Task) -> dict[str, str]:
+    """``extra`` of a per-frame log line: its task id and trace id, as the consumer's lines carry them."""
+    return {"task_id": str(task.task_id), "trace_id": task.trace_id}
+
+
+class FrameRefusedError(FrameRejectedError):
+    """A frame refused before publishing (bad image); ``task`` is the task it would have been."""
+
+    def __init__(self, message: str, task: Task) -> None:
+        super().__init__(message)
+        self.task = task
 
 
 @dataclasses.dataclass(eq=False)
@@ -240,16 +261,21 @@ class AsyncPublisher:
         captured_at: datetime | None = None,
         deadline: datetime | None = None,
         trace_id: str | None = None,
+        key: str | None = None,
         timeout: float | None = None,
     ) -> uuid.UUID:
         """Publish one frame and return its task id once the broker confirmed it.
+
+        ``key`` names the frame within its camera (a file's path and content hash, a video's identity and
+        frame index): the task id is then derived from it, so the same frame sent again is the same task.
+        Without a key the id is random, or derived from the capture time with ``deterministic_ids``.
 
         Raises :class:`FrameRejectedError` (bad image), :class:`UnroutableError`, :class:`PublishNackedError`
         (bulk lane full past the retries), :class:`FrameDroppedError` (realtime, pushed out) or
         :class:`PublishTimeoutError` (no confirm within ``timeout``, default ``confirm_timeout_s`` plus the
         nack backoff; the frame stays queued and may still be delivered).
         """
-        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id)
+        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id, key)
         wait = timeout if timeout is not None else self.confirm_wait_s()
         try:
             return await asyncio.wait_for(asyncio.shield(item.outcome), wait)
@@ -269,10 +295,11 @@ class AsyncPublisher:
         captured_at: datetime | None = None,
         deadline: datetime | None = None,
         trace_id: str | None = None,
+        key: str | None = None,
     ) -> asyncio.Future[uuid.UUID]:
         """Queue one frame; the future resolves to its task id once confirmed (or to the error of
         :meth:`publish`). Waits only while a full bulk buffer has no room, up to ``bulk_block_timeout_s``."""
-        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id)
+        item = await self._admit(frame, camera, site, lane, captured_at, deadline, trace_id, key)
         return item.outcome
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -319,11 +346,12 @@ class AsyncPublisher:
         captured_at: datetime | None,
         deadline: datetime | None,
         trace_id: str | None,
+        key: str | None,
     ) -> _Outgoing:
         if self._closed or self._sender is None:
             raise BrokerUnavailableError("publisher is not running (start it, or it was closed)")
         lane = lane or self.settings.lane
-        item = self._outgoing(frame, self._task(lane, site, camera, captured_at, deadline, trace_id))
+        item = self._outgoing(frame, self._task(lane, site, camera, captured_at, deadline, trace_id, key))
         stalled = self._stall.stalled or self._link.channel is None
         if lane == "realtime":
             for old in self._buffers.admit_realtime(item):
@@ -347,15 +375,14 @@ class AsyncPublisher:
         captured_at: datetime | None,
         deadline: datetime | None,
         trace_id: str | None,
+        key: str | None,
     ) -> Task:
         captured = captured_at or datetime.now(UTC)
         if lane == "realtime" and deadline is None:
             deadline = realtime_deadline(captured, self.settings.realtime_deadline_ms)
         try:
             routing_key(lane, site, camera)
-            task_id = (
-                deterministic_task_id(site, camera, captured) if self._deterministic_ids else uuid.uuid4()
-            )
+            task_id = self._task_id(site, camera, captured, key)
             return Task(
                 task_id=task_id,
                 lane=lane,
@@ -373,12 +400,19 @@ class AsyncPublisher:
         except ValueError as error:
             raise TaskValidationError(str(error)) from None
 
+    def _task_id(self, site: str, camera: str, captured: datetime, key: str | None) -> uuid.UUID:
+        if key is not None:
+            return frame_task_id(site, camera, key)
+        if self._deterministic_ids:
+            return deterministic_task_id(site, camera, captured)
+        return uuid.uuid4()
+
     def _outgoing(self, frame: bytes, task: Task) -> _Outgoing:
         try:
             inspect_frame(frame)
-        except FrameRejectedError:
+        except FrameRejectedError as error:
             self.metrics.refused("bad image")
-            raise
+            raise FrameRefusedError(str(error), task) from None
         envelope = task.to_envelope(frame)
         outcome: asyncio.Future[uuid.UUID] = asyncio.get_running_loop().create_future()
         self._outstanding.add(outcome)
@@ -428,13 +462,16 @@ class AsyncPublisher:
         delivery.add_done_callback(self._delivery_done)
 
     def _envelope_now(self, item: _Outgoing) -> Envelope | None:
-        """The message to send now: a realtime frame's expiration is what is left of its deadline."""
+        """The message to send now, stamped with this moment as its publish time (the consumer's queue
+        wait starts here, not when the frame entered the buffer); a realtime frame's expiration is what
+        is left of its deadline."""
+        now = datetime.now(UTC)
         if item.lane != "realtime" or item.task.deadline is None:
-            return item.envelope
-        left_ms = int((item.task.deadline - datetime.now(UTC)).total_seconds() * 1000)
+            return stamp_published(item.envelope, now)
+        left_ms = int((item.task.deadline - now).total_seconds() * 1000)
         if left_ms <= 0:
             return None
-        return item.task.to_envelope(item.envelope.body, expiration_ms=left_ms)
+        return stamp_published(item.task.to_envelope(item.envelope.body, expiration_ms=left_ms), now)
 
     def _delivery_done(self, delivery: asyncio.Task[None]) -> None:
         self._deliveries.pop(delivery, None)
@@ -511,6 +548,7 @@ class AsyncPublisher:
             item.task.task_id,
             state.attempt_number,
             delay,
+            extra=log_ids(item.task),
         )
 
     def _resend(self, item: _Outgoing, error: BrokerError) -> None:
@@ -523,13 +561,13 @@ class AsyncPublisher:
         self._buffers.requeue(item.lane, item)
 
     def _fail(self, item: _Outgoing, error: BaseException) -> None:
-        logger.warning("Frame %s not published: %s", item.task.task_id, error)
+        logger.warning("Frame %s not published: %s", item.task.task_id, error, extra=log_ids(item.task))
         if not item.outcome.done():
             item.outcome.set_exception(error)
 
     def _drop(self, item: _Outgoing, reason: str, why: str) -> None:
         self.metrics.dropped(item.lane, reason)
-        logger.debug("Dropped realtime frame %s: %s", item.task.task_id, why)
+        logger.debug("Dropped realtime frame %s: %s", item.task.task_id, why, extra=log_ids(item.task))
         if not item.outcome.done():
             item.outcome.set_exception(FrameDroppedError(f"frame {item.task.task_id} dropped: {why}"))
 
@@ -550,4 +588,4 @@ class AsyncPublisher:
                 )
 
 
-__all__ = ["AsyncPublisher", "FrameDroppedError"]
+__all__ = ["AsyncPublisher", "FrameDroppedError", "FrameRefusedError", "log_ids"]

@@ -3,13 +3,19 @@
 Images are sent exactly as stored (the contract wants the encoded image as captured); video and stream
 frames are decoded by OpenCV and JPEG-encoded at the configured quality. A folder file that is not a JPEG
 or PNG is skipped with a warning and counted; a source that cannot be read raises :class:`SourceError`.
+
+Every frame carries a ``key`` that names it within its camera, from what identifies it rather than from
+the time it was read: a folder file by its path under the folder and its content, a video frame by the
+file's identity and the frame's index, a stream frame by its capture time. ``--deterministic-ids`` derives
+the task id from it, so the same frame produced again is the same task.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,11 +35,33 @@ class SourceError(DetfleetError):
     """The frame source cannot be read: a missing path, an unknown URL scheme, a file OpenCV cannot open."""
 
 
+# A video file's identity: its size and a hash of its first bytes (hashing a long video whole would make
+# start-up wait on the disk).
+VIDEO_IDENTITY_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class SourceFrame:
     body: bytes
     captured_at: datetime
     origin: str
+    #: Names this frame within its camera: the same frame read again has the same key.
+    key: str
+
+
+def content_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def file_key(relative: Path, body: bytes) -> str:
+    """A folder file's key: its path under the source folder and its content's hash."""
+    return f"file:{relative.as_posix()}:{content_hash(body)}"
+
+
+def video_identity(path: Path) -> str:
+    with path.open("rb") as file:
+        head = file.read(VIDEO_IDENTITY_BYTES)
+    return f"{path.stat().st_size}:{content_hash(head)}"
 
 
 def is_accepted_image(head: bytes) -> bool:
@@ -45,6 +73,8 @@ class FrameSource(ABC):
 
     #: True when producing a frame costs real CPU (decode and encode): run it off the event loop.
     heavy = False
+    #: True for a live source that keeps its own pace: ``--fps`` must not slow its reading down.
+    paces_itself = False
 
     def __init__(self) -> None:
         self._skipped: set[str] = set()
@@ -56,6 +86,18 @@ class FrameSource(ABC):
 
     @abstractmethod
     def one_pass(self) -> Iterator[SourceFrame]: ...
+
+    def close(self) -> None:
+        """Stop a pass that may be waiting (a live stream); called from another thread on a signal."""
+        return None
+
+    def wait_closed(self) -> None:
+        """Block until what :meth:`close` stopped has ended (a stream's grabber thread)."""
+        return None
+
+    def stats(self) -> dict[str, float | int]:
+        """Figures of this source for the run's summary (a stream's gaps); none for most."""
+        return {}
 
     def _skip(self, origin: str, why: str) -> None:
         if origin not in self._skipped:
@@ -85,7 +127,7 @@ class FolderSource(FrameSource):
         if not is_accepted_image(body[:8]):
             self._skip(str(path), "not a JPEG or PNG image")
             return None
-        return SourceFrame(body, datetime.now(UTC), str(path))
+        return SourceFrame(body, datetime.now(UTC), str(path), file_key(path.relative_to(self.root), body))
 
 
 class ImageFileSource(FrameSource):
@@ -95,21 +137,23 @@ class ImageFileSource(FrameSource):
         super().__init__()
         self.path = path
         self._body = path.read_bytes()
+        self._key = f"image:{content_hash(self._body)}"
 
     def one_pass(self) -> Iterator[SourceFrame]:
-        yield SourceFrame(self._body, datetime.now(UTC), str(self.path))
+        yield SourceFrame(self._body, datetime.now(UTC), str(self.path), self._key)
 
 
 class VideoSource(FrameSource):
-    """A video file or a stream URL through ``cv2.VideoCapture``; frames are JPEG-encoded."""
+    """A video file through ``cv2.VideoCapture``; frames are JPEG-encoded."""
 
     heavy = True
 
     def __init__(self, target: str, jpeg_quality: int = 90) -> None:
         super().__init__()
         self.target = target
-        self._params = [int(cv2.IMWRITE_JPEG_QUALITY), jpeg_quality]
+        self._params = jpeg_params(jpeg_quality)
         self._first: cv2.VideoCapture | None = self._open()
+        self._identity = video_identity(Path(target))
 
     def one_pass(self) -> Iterator[SourceFrame]:
         # The capture opened by the constructor serves the first pass; --loop reopens for each later one.
@@ -120,7 +164,9 @@ class VideoSource(FrameSource):
                 ok, image = capture.read()
                 if not ok:
                     return
-                yield SourceFrame(self._encode(image, index), datetime.now(UTC), f"{self.target}#{index}")
+                body = encode_jpeg(image, self._params, f"{self.target}: frame {index}")
+                key = f"video:{self._identity}#{index}"
+                yield SourceFrame(body, datetime.now(UTC), f"{self.target}#{index}", key)
                 index += 1
         finally:
             capture.release()
@@ -132,22 +178,35 @@ class VideoSource(FrameSource):
             raise SourceError(f"{self.target}: OpenCV cannot open it as a video or stream")
         return capture
 
-    def _encode(self, image: cv2.typing.MatLike, index: int) -> bytes:
-        ok, encoded = cv2.imencode(".jpg", image, self._params)
-        if not ok:
-            raise SourceError(f"{self.target}: frame {index} could not be JPEG-encoded")
-        return bytes(encoded.tobytes())
+
+def jpeg_params(quality: int) -> list[int]:
+    return [int(cv2.IMWRITE_JPEG_QUALITY), quality]
 
 
-def open_source(spec: str, jpeg_quality: int = 90) -> FrameSource:
-    """The source ``spec`` names: a URL, a folder, an image file or a video file."""
+def encode_jpeg(image: cv2.typing.MatLike, params: list[int], what: str) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", image, params)
+    if not ok:
+        raise SourceError(f"{what} could not be JPEG-encoded")
+    return bytes(encoded.tobytes())
+
+
+def open_source(
+    spec: str,
+    jpeg_quality: int = 90,
+    fps: float | None = None,
+    on_gap: Callable[[float], None] | None = None,
+) -> FrameSource:
+    """The source ``spec`` names: a live stream URL (at ``fps``, ``on_gap`` told of each lost stretch),
+    a folder, an image file or a video file."""
     if "://" in spec:
         scheme = urlsplit(spec).scheme.lower()
         if scheme not in STREAM_SCHEMES:
             raise SourceError(
                 f"{spec}: unsupported URL scheme {scheme!r} (use one of {sorted(STREAM_SCHEMES)})"
             )
-        return VideoSource(spec, jpeg_quality)
+        from producer.stream import StreamSource
+
+        return StreamSource(spec, jpeg_quality, fps, on_gap)
     path = Path(spec)
     if path.is_dir():
         return FolderSource(path)

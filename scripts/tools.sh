@@ -29,3 +29,21 @@ if ! command -v openssl >/dev/null; then
   install_openssl() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >/dev/null; }
   install_openssl || { apt-get update -q >/dev/null && install_openssl; } || { echo "tools: could not install openssl" >&2; exit 1; }
 fi
+
+# The gateway stream tests serve live cameras on loopback: MJPEG over HTTP from ffmpeg, RTSP from
+# GStreamer's RTSP server run by the system python3 (python3-gi, gir1.2-gst-rtsp-server-1.0; the JPEG
+# encoder and RTP payloader come with the base and good plugin sets).
+stream_tools_present() {
+  command -v ffmpeg >/dev/null && [ -x /usr/bin/python3 ] && /usr/bin/python3 -c \
+    'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import Gst, GstRtspServer; Gst.init(None); assert Gst.ElementFactory.find("jpegenc") and Gst.ElementFactory.find("rtpjpegpay")' \
+    >/dev/null 2>&1
+}
+if ! stream_tools_present; then
+  if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+    echo "tools: ffmpeg or GStreamer's RTSP server is missing; apt-get install ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good" >&2
+    exit 1
+  fi
+  streams=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
+  install_streams() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${streams[@]}" >/dev/null; }
+  install_streams || { apt-get update -q >/dev/null && install_streams; } || { echo "tools: could not install ${streams[*]}" >&2; exit 1; }
+fi

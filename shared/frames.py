@@ -49,6 +49,22 @@ def inspect_frame(body: bytes) -> FrameInfo:
     return info
 
 
+JPEG_END = b"\xff\xd9"
+PNG_END = b"IEND\xaeB`\x82"
+
+
+def is_complete_image(body: bytes) -> bool:
+    """Whether a JPEG or PNG ends with its end marker: a file still being written does not yet.
+
+    Some encoders pad a JPEG after its end-of-image marker, so trailing NUL bytes are allowed.
+    """
+    if body.startswith(JPEG_MAGIC):
+        return body.rstrip(b"\x00").endswith(JPEG_END)
+    if body.startswith(PNG_MAGIC):
+        return body.endswith(PNG_END)
+    return False
+
+
 def _check_dimensions(info: FrameInfo) -> None:
     if info.width <= 0 or info.height <= 0:
         raise FrameRejectedError(f"{info.format} header declares {info.width}x{info.height} pixels")

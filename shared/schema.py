@@ -29,6 +29,10 @@ H_CAPTURED_AT = "captured_at"
 H_TRACE_ID = "trace_id"
 H_ATTEMPT = "x-detfleet-attempt"
 H_DEADLINE = "x-detfleet-deadline"
+# When the producer sent the message, in whole milliseconds since the Unix epoch (UTC). The AMQP timestamp
+# property has whole seconds only, too coarse for a queue wait of a few milliseconds; it stays as the
+# fallback for gateways that do not send this header.
+H_PUBLISHED_AT = "x-detfleet-published-at"
 # Added to a dead-letter copy: why it failed, where it came from, when.
 H_REASON = "x-detfleet-reason"
 H_ORIGINAL_EXCHANGE = "x-detfleet-original-exchange"
@@ -104,8 +108,30 @@ def routing_key(lane: str, site: str, camera_id: str) -> str:
 
 
 def deterministic_task_id(site: str, camera_id: str, captured_at: datetime) -> uuid.UUID:
-    """UUIDv5 of site, camera and capture time: a gateway resending a frame makes no second task."""
+    """UUIDv5 of site, camera and capture time: a gateway resending a frame makes no second task.
+
+    Right only where the capture time identifies the frame (a camera's own clock); a source that has a
+    better identity for its frames passes it to :func:`frame_task_id` instead.
+    """
     return uuid.uuid5(uuid.NAMESPACE_URL, f"detfleet:{site}/{camera_id}@{format_time(captured_at)}")
+
+
+def frame_task_id(site: str, camera_id: str, key: str) -> uuid.UUID:
+    """UUIDv5 of site, camera and a key naming the frame within that camera (a file's path and content
+    hash, a video's identity and frame index): the same frame gives the same task id on every run."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"detfleet:{site}/{camera_id}#{key}")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Whole milliseconds since the Unix epoch: the value of :data:`H_PUBLISHED_AT`."""
+    return (moment.astimezone(UTC) - _EPOCH) // timedelta(milliseconds=1)
+
+
+def from_epoch_ms(value: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=value)
 
 
 class Task(BaseModel):
@@ -162,15 +188,17 @@ class Task(BaseModel):
         return headers
 
     def to_envelope(self, body: bytes, expiration_ms: int | None = None) -> Envelope:
-        """The AMQP message of this task; ``expiration_ms`` only for a first publish to realtime."""
+        """The AMQP message of this task, published now unless ``published_at`` says otherwise;
+        ``expiration_ms`` only for a first publish to realtime."""
+        published = self.published_at or datetime.now(UTC)
         return Envelope(
             body=body,
             routing_key=self.routing_key,
             message_id=str(self.task_id),
-            timestamp=self.published_at or datetime.now(UTC),
+            timestamp=published,
             app_id=self.producer,
             expiration_ms=expiration_ms,
-            headers=self.headers(),
+            headers={**self.headers(), H_PUBLISHED_AT: epoch_ms(published)},
         )
 
     @classmethod
@@ -189,7 +217,7 @@ class Task(BaseModel):
             "attempt": _header_int(headers, H_ATTEMPT),
             "deadline": _header_time(headers, H_DEADLINE, required=False),
             "producer": envelope.app_id,
-            "published_at": _aware(envelope.timestamp),
+            "published_at": _published_at(envelope),
         }
         task = _validated(raw)
         if (task.site, task.camera_id) != (site, camera):
@@ -202,6 +230,29 @@ class Task(BaseModel):
 
 def realtime_deadline(captured_at: datetime, budget_ms: int) -> datetime:
     return captured_at + timedelta(milliseconds=budget_ms)
+
+
+def stamp_published(envelope: Envelope, moment: datetime) -> Envelope:
+    """``envelope`` as sent at ``moment``: the timestamp property and :data:`H_PUBLISHED_AT` set to it."""
+    return replace(envelope, timestamp=moment, headers={**envelope.headers, H_PUBLISHED_AT: epoch_ms(moment)})
+
+
+def _published_at(envelope: Envelope) -> datetime | None:
+    """The millisecond header where the producer sent one, else the whole-second timestamp property."""
+    value = envelope.headers.get(H_PUBLISHED_AT)
+    if value is None:
+        return _aware(envelope.timestamp)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TaskValidationError(
+            f"header {H_PUBLISHED_AT} must be an integer (milliseconds since the Unix epoch), "
+            f"got {quoted(value)}"
+        )
+    try:
+        if value < 0:
+            raise OverflowError
+        return from_epoch_ms(value)
+    except OverflowError:
+        raise TaskValidationError(f"header {H_PUBLISHED_AT} is out of range, got {quoted(value)}") from None
 
 
 def _aware(moment: datetime | None) -> datetime | None:

@@ -54,6 +54,7 @@ async def test_a_bulk_frame_lands_in_the_bulk_lane_with_every_property_and_heade
     assert envelope.timestamp is not None
     assert abs(envelope.timestamp.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1)
     assert envelope.expiration_ms is None
+    published_ms = envelope.headers["x-detfleet-published-at"]
     assert dict(envelope.headers) == {
         "x-detfleet-schema": 1,
         "camera_id": "cam-1",
@@ -61,8 +62,12 @@ async def test_a_bulk_frame_lands_in_the_bulk_lane_with_every_property_and_heade
         "captured_at": "2026-11-23T08:00:00.123Z",
         "trace_id": "tr-1",
         "x-detfleet-attempt": 1,
+        "x-detfleet-published-at": published_ms,
     }
-    assert Task.from_envelope(envelope).task_id == task_id
+    task = Task.from_envelope(envelope)
+    assert task.task_id == task_id
+    # The consumer's queue wait starts at the millisecond header, not the whole-second property.
+    assert task.published_at == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=published_ms)
 
 
 async def test_a_realtime_frame_carries_its_deadline_and_an_expiration_from_it(

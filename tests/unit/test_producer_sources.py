@@ -104,3 +104,30 @@ def test_an_unreadable_source_raises_one_line_naming_it(tmp_path: Path, spec: st
         open_source(target)
     assert target in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_folder_keys_name_each_file_by_its_path_and_content_whenever_it_is_read(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    (tmp_path / "twin.jpg").write_bytes((tmp_path / "b.jpg").read_bytes())
+
+    first = [f.key for f in frames(open_source(str(tmp_path)))]
+    again = [f.key for f in frames(open_source(str(tmp_path)))]
+
+    assert first == again
+    assert len(set(first)) == len(first) == 5
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(seed=99))
+    changed = [f.key for f in frames(open_source(str(tmp_path)))]
+    assert [k for k in changed if k not in first] == [k for k in changed if k.startswith("file:b.jpg:")]
+
+
+def test_video_keys_name_the_file_and_the_frame_index_on_every_pass(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "clip.avi", frames=3)
+    source = open_source(str(video))
+
+    keys = [f.key for _, f in zip(range(6), frames(source, loop=True), strict=False)]
+
+    assert keys[:3] == keys[3:]
+    assert len(set(keys)) == 3
+    assert keys[0].endswith("#0")
+    other = write_video(tmp_path / "other.avi", frames=3, width=80, height=60)
+    assert not {f.key for f in frames(open_source(str(other)))} & set(keys)

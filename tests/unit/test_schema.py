@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared import asyncapi
 from shared.errors import TaskValidationError, UnsupportedSchemaError
 from shared.schema import (
     H_ATTEMPT,
     H_CAPTURED_AT,
+    H_PUBLISHED_AT,
     H_REASON,
     H_SCHEMA,
     Envelope,
@@ -22,8 +26,10 @@ from shared.schema import (
     dead_letter_copy,
     deterministic_task_id,
     format_time,
+    frame_task_id,
     replay_copy,
     routing_key,
+    stamp_published,
 )
 
 CAPTURED = datetime(2026, 11, 23, 8, 0, 0, 123000, tzinfo=UTC)
@@ -78,7 +84,35 @@ def test_the_message_carries_the_contract() -> None:
         "trace_id": "trace-abc",
         "x-detfleet-attempt": 1,
         "x-detfleet-deadline": "2026-11-23T08:00:10.123Z",
+        "x-detfleet-published-at": 1795420800000,
     }
+
+
+def test_published_at_comes_from_the_millisecond_header_not_the_whole_second_property() -> None:
+    sent = datetime(2026, 11, 23, 8, 0, 1, 987000, tzinfo=UTC)
+    envelope = stamp_published(make_task().to_envelope(b"x"), sent)
+    # The broker's timestamp property keeps whole seconds: what a consumer would see without the header.
+    envelope = replace(envelope, timestamp=sent.replace(microsecond=0, tzinfo=None))
+    assert envelope.headers[H_PUBLISHED_AT] == 1795420801987
+    assert Task.from_envelope(envelope).published_at == sent
+
+
+def test_without_the_header_published_at_falls_back_to_the_timestamp_property() -> None:
+    envelope = envelope_of(make_task(), **{H_PUBLISHED_AT: ...})
+    envelope = replace(envelope, timestamp=datetime(2026, 11, 23, 8, 0, 1))
+    assert Task.from_envelope(envelope).published_at == datetime(2026, 11, 23, 8, 0, 1, tzinfo=UTC)
+
+
+def test_a_message_without_the_attempt_header_is_a_first_attempt() -> None:
+    """Lenient where it costs nothing: a gateway need not send x-detfleet-attempt at all."""
+    assert Task.from_envelope(envelope_of(make_task(), **{H_ATTEMPT: ...})).attempt == 1
+
+
+def test_frame_keys_give_the_same_id_for_the_same_frame_and_another_for_any_other() -> None:
+    first = frame_task_id("plant-1", "cam_07", "file:a.jpg:abc")
+    assert first == frame_task_id("plant-1", "cam_07", "file:a.jpg:abc")
+    assert len({first, frame_task_id("plant-1", "cam_08", "file:a.jpg:abc")}) == 2
+    assert first != frame_task_id("plant-1", "cam_07", "file:a.jpg:abd")
 
 
 @pytest.mark.parametrize(
@@ -114,6 +148,11 @@ def test_malformed_properties_are_readable_validation_errors(change: dict[str, A
         ({H_ATTEMPT: 0}, "attempt"),
         ({"trace_id": ""}, "header trace_id is missing"),
         ({"x-detfleet-deadline": 12}, "header x-detfleet-deadline must be text"),
+        ({H_PUBLISHED_AT: "1795420800000"}, "header x-detfleet-published-at must be an integer"),
+        ({H_PUBLISHED_AT: 1.5}, "header x-detfleet-published-at must be an integer"),
+        ({H_PUBLISHED_AT: True}, "header x-detfleet-published-at must be an integer"),
+        ({H_PUBLISHED_AT: 10**20}, "header x-detfleet-published-at is out of range"),
+        ({H_PUBLISHED_AT: -1}, "header x-detfleet-published-at is out of range"),
     ],
 )
 def test_malformed_headers_are_readable_validation_errors(headers: dict[str, Any], expected: str) -> None:
@@ -202,3 +241,23 @@ def test_a_reason_quotes_a_huge_value_only_in_part(headers: dict[str, Any]) -> N
     reason = str(caught.value)
     assert len(reason) < 300
     assert "characters)" in reason
+
+
+ASYNCAPI = Path(__file__).parents[2] / "docs" / "asyncapi.json"
+
+
+def test_the_published_asyncapi_document_is_the_one_the_schema_module_generates() -> None:
+    assert ASYNCAPI.read_text() == asyncapi.render(), "run: python -m shared.asyncapi > docs/asyncapi.json"
+
+
+def test_the_documented_headers_are_those_the_consumer_requires_and_reads() -> None:
+    headers = json.loads(ASYNCAPI.read_text())["components"]["messages"]["frame"]["headers"]
+    envelope = make_task().to_envelope(b"x")
+    assert set(envelope.headers) == set(headers["properties"])
+    for name in headers["properties"]:
+        without = envelope_of(make_task(), **{name: ...})
+        if name in headers["required"]:
+            with pytest.raises(TaskValidationError, match=name):
+                Task.from_envelope(without)
+        else:
+            Task.from_envelope(without)
