@@ -29,6 +29,9 @@ WORK_QUEUES = (QUEUE_REALTIME, QUEUE_BULK, QUEUE_RETRY_READY, QUEUE_INTAKE)
 EXCHANGE_INTAKE = QUEUE_INTAKE
 EXCHANGE_RETRY_READY = QUEUE_RETRY_READY
 EXCHANGE_DLQ = QUEUE_DLQ
+# One event per committed result row, routed by ``<status>.<site>.<camera>`` (docs/results.md). No queue of
+# ours is bound to it: subscribers bind their own.
+EXCHANGE_RESULTS = "detfleet.results"
 POLICY_PRIORITY = 10
 POLICY_PREFIX = "detfleet-"
 
@@ -92,7 +95,7 @@ USERS = (
     # Gateways publish frames and nothing else.
     UserSpec("detfleet-producer", "", configure="^$", write=r"^detfleet\.frames$", read="^$"),
     # Consumers take from the lanes, the intake and the retry return path; they publish retries, DLQ entries,
-    # quarantined copies (to retry.ready) and, once that path ships, results; never frames.
+    # quarantined copies (to retry.ready) and result events; never frames.
     UserSpec(
         "detfleet-consumer",
         "",
@@ -132,6 +135,7 @@ class Topology:
                 *(ExchangeSpec(level, "fanout") for level in levels),
                 ExchangeSpec(EXCHANGE_RETRY_READY, "fanout"),
                 ExchangeSpec(EXCHANGE_DLQ, "fanout"),
+                ExchangeSpec(EXCHANGE_RESULTS, "topic"),
             ),
             queues=tuple(QueueSpec(name, dict(arguments)) for name in queue_names),
             bindings=(

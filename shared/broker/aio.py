@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -231,6 +231,48 @@ class Broker:
 
             tag = await source.consume(on_message)
         return Subscription(channel, source, tag)
+
+    async def subscribe(
+        self,
+        exchange: str,
+        keys: Sequence[str],
+        handler: DeliveryHandler,
+        prefetch: int = 100,
+        queue: str | None = None,
+    ) -> Subscription:
+        """Bind a queue to ``exchange`` with each of ``keys`` and consume it on a channel of its own.
+
+        ``queue`` None: a server-named, exclusive queue that goes with the connection (a live view); a
+        name: a durable queue, declared if missing, that keeps what arrives while nobody consumes.
+        """
+        with translated_errors(f"subscribe to {exchange}"):
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            if queue is None:
+                source = await channel.declare_queue(exclusive=True, auto_delete=True)
+            else:
+                source = await channel.declare_queue(queue, durable=True)
+            for key in keys:
+                await source.bind(exchange, key)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                await handler(Delivery(to_envelope(message), source.name, message.delivery_tag or 0, message))
+
+            tag = await source.consume(on_message)
+        return Subscription(channel, source, tag)
+
+    async def exchange_exists(self, name: str) -> bool:
+        """True when ``exchange`` is declared (a passive declare on a channel of its own)."""
+        with translated_errors(f"inspect exchange {name}"):
+            channel = await self._connection.channel()
+        try:
+            await channel.declare_exchange(name, passive=True)
+        except (AMQPError, ChannelInvalidStateError):
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return True
 
     def open_channels(self) -> int:
         """Channels open on the connection now, the publishing one included (a leak shows here first)."""
