@@ -22,6 +22,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("producer.cli:main", "publish frames from a folder, video file or stream"),
     "consume": ("consumer.cli:main", "run a worker replica"),
+    "gateway": ("producer.http.cli:main", "the HTTP gateway: frames in over HTTP, live results out, a page"),
     "topology": ("detfleet.ops:topology_main", "apply the broker topology, or print its definitions"),
     "broker": ("detfleet.ops:broker_main", "bootstrap broker users and passwords"),
     "db": ("detfleet.ops:db_main", "create the database, apply migrations, prune old rows"),

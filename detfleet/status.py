@@ -36,7 +36,7 @@ from shared.broker.aio import Broker
 from shared.errors import BrokerError, BrokerUnavailableError, DatabaseError
 from shared.logs import configure_logging
 from shared.management import Management, rate_of
-from shared.settings import AdminSettings, load_settings, mask_url
+from shared.settings import AdminSettings, GatewaySettings, load_settings, mask_url
 from shared.topology import QUEUE_BULK, QUEUE_REALTIME, WORK_QUEUES, Topology, vhost_of
 
 DEFAULT_WINDOW = "5m"
@@ -44,6 +44,8 @@ DEFAULT_DRAIN_WITHIN = "15m"
 DEFAULT_WATCH_S = 5.0
 LANE_QUEUES = (QUEUE_REALTIME, QUEUE_BULK)  # where tasks arrive; the other work queues are re-entries
 STATUSES = ("ok", "failed", "shed")
+# Who collects: this command, and the HTTP gateway's live page (each knows the broker, its API, the database).
+FleetSettings = AdminSettings | GatewaySettings
 
 
 @dataclass(frozen=True)
@@ -113,13 +115,13 @@ def _from_management(name: str, found: dict[str, Any] | None) -> QueueStatus:
     )
 
 
-async def queues_from_management(settings: AdminSettings, names: Sequence[str]) -> list[QueueStatus]:
+async def queues_from_management(settings: FleetSettings, names: Sequence[str]) -> list[QueueStatus]:
     async with Management(settings.management_url) as api:
         by_name = {q["name"]: q for q in await api.queues(vhost_of(settings.amqp_url))}
     return [_from_management(name, by_name.get(name)) for name in names]
 
 
-async def queues_from_amqp(settings: AdminSettings, names: Sequence[str]) -> list[QueueStatus]:
+async def queues_from_amqp(settings: FleetSettings, names: Sequence[str]) -> list[QueueStatus]:
     """Ready and consumers by passive declare; a queue that is not declared shows as unknown."""
     broker = await Broker.connect(settings.amqp_url, "detfleet-status", robust=False)
     try:
@@ -136,7 +138,7 @@ async def queues_from_amqp(settings: AdminSettings, names: Sequence[str]) -> lis
         await broker.close()
 
 
-async def broker_figures(settings: AdminSettings) -> tuple[list[QueueStatus], list[str], bool]:
+async def broker_figures(settings: FleetSettings) -> tuple[list[QueueStatus], list[str], bool]:
     """The queues' figures, what could not be seen, and whether the management API answered (else AMQP)."""
     names = [q.name for q in Topology.from_settings(settings).queues]
     try:
@@ -207,7 +209,7 @@ def advice_of(
     return advise(per_replica_rate(rows, window_s), arrival, backlog, drain_within_s)
 
 
-async def collect(settings: AdminSettings, window: timedelta, drain_within: timedelta) -> Report:
+async def collect(settings: FleetSettings, window: timedelta, drain_within: timedelta) -> Report:
     conn = await db.connect(settings.database_url)
     try:
         last_minute, dlq, seen = await row_figures(conn, window)

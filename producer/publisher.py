@@ -326,6 +326,12 @@ class AsyncPublisher:
         await self._link.close()
 
     @property
+    def held_up(self) -> bool:
+        """True while the broker is unreachable or blocked: frames now would wait in the buffer. An HTTP
+        gateway answers 503 then instead of holding its client."""
+        return self._closed or self._stall.stalled or self._link.channel is None
+
+    @property
     def unconfirmed(self) -> int:
         """Frames queued or in flight that have no outcome yet."""
         return len(self._outstanding)

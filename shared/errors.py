@@ -24,6 +24,14 @@ class FrameRejectedError(TaskValidationError):
     """The frame body is not an accepted image (format, size or dimensions)."""
 
 
+class FrameTooLargeError(FrameRejectedError):
+    """The frame is over the contract's byte or pixel limit (HTTP 413 at the gateway)."""
+
+
+class NotAnImageError(FrameRejectedError):
+    """The body is neither a JPEG nor a PNG (HTTP 415 at the gateway)."""
+
+
 class BrokerError(DetfleetError):
     """Anything that went wrong talking to RabbitMQ."""
 

@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.errors import FrameRejectedError
+from shared.errors import FrameRejectedError, FrameTooLargeError, NotAnImageError
 
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 MAX_FRAME_PIXELS = 40_000_000
@@ -35,7 +35,7 @@ def inspect_frame(body: bytes) -> FrameInfo:
     if not body:
         raise FrameRejectedError("empty body: no image")
     if len(body) > MAX_FRAME_BYTES:
-        raise FrameRejectedError(f"frame is {len(body)} bytes, over the {MAX_FRAME_BYTES}-byte limit")
+        raise FrameTooLargeError(f"frame is {len(body)} bytes, over the {MAX_FRAME_BYTES}-byte limit")
     if body.startswith(JPEG_MAGIC):
         info = FrameInfo("jpeg", *_jpeg_size(body))
     elif body.startswith(PNG_MAGIC):
@@ -44,7 +44,7 @@ def inspect_frame(body: bytes) -> FrameInfo:
         kind = "JPEG" if JPEG_MAGIC.startswith(body) else "PNG"
         raise FrameRejectedError(f"truncated {kind}: the body ends inside its signature")
     else:
-        raise FrameRejectedError(f"not a JPEG or PNG image ({_describe(body)})")
+        raise NotAnImageError(f"not a JPEG or PNG image ({_describe(body)})")
     _check_dimensions(info)
     return info
 
@@ -69,7 +69,7 @@ def _check_dimensions(info: FrameInfo) -> None:
     if info.width <= 0 or info.height <= 0:
         raise FrameRejectedError(f"{info.format} header declares {info.width}x{info.height} pixels")
     if info.width * info.height > MAX_FRAME_PIXELS:
-        raise FrameRejectedError(
+        raise FrameTooLargeError(
             f"{info.format} header declares {info.width}x{info.height} pixels, over the "
             f"{MAX_FRAME_PIXELS // 1_000_000}-megapixel limit"
         )

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import SettingsError
@@ -140,6 +140,7 @@ class AdminSettings(TopologySettings):
     monitoring_password: SecretStr | None = Field(
         None, description="bootstrap: password of detfleet-monitoring"
     )
+    gateway_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-gateway")
     secrets_dir: Path | None = Field(None, description="bootstrap: folder of files named after each user")
     audit_log: Path = Field(
         Path("detfleet-audit.jsonl"), description="dlq replay and purge: JSON-lines audit log, appended"
@@ -221,7 +222,63 @@ class ConsumerSettings(TopologySettings):
         return self.realtime_prefetch or self.max_batch
 
 
-SETTINGS_CLASSES: tuple[type[DetfleetSettings], ...] = (AdminSettings, ProducerSettings, ConsumerSettings)
+class GatewayToken(BaseModel):
+    """One bearer token of the HTTP gateway, as stored: its sha256 (never the token) and its scopes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Cameras it may publish for, as ``site/camera`` globs (``line-1/*``, ``*``); empty: none.
+    publish: tuple[str, ...] = ()
+    # Whether it may read results: GET /v1/tasks, the result streams, the live page's data.
+    read: bool = False
+
+
+class GatewaySettings(ProducerSettings, TopologySettings):
+    """The HTTP gateway, ``detfleet gateway``: a producer that also reads results and shows the fleet."""
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, description="Postgres URL of the results table")
+    management_url: str = Field(DEFAULT_MANAGEMENT_URL, description="RabbitMQ management API URL")
+    gateway_host: str = Field("127.0.0.1", description="Address the HTTP gateway listens on")
+    gateway_port: int = Field(8000, ge=0, le=65535, description="Port the HTTP gateway listens on")
+    gateway_tokens_file: Path | None = Field(
+        None, description="JSON file of bearer tokens (sha256 and scopes each); see docs/gateway-http.md"
+    )
+    gateway_tokens: tuple[GatewayToken, ...] = Field(
+        (), description="Bearer tokens as a JSON list, beside those of the file"
+    )
+    gateway_auth_disabled: bool = Field(False, description="No authentication at all: local demos only")
+    gateway_rate: float = Field(50.0, gt=0, description="Frames per second each identity may POST")
+    gateway_burst: int = Field(100, gt=0, description="Frames an identity may POST at once above its rate")
+    gateway_publish_timeout_s: float = Field(
+        5.0, gt=0, description="How long a POST waits for the broker's confirm before a 503"
+    )
+    gateway_retry_after_s: int = Field(2, ge=1, description="Retry-After of a 503 (broker away or full)")
+    gateway_frame_cameras: int = Field(
+        200, ge=0, description="Cameras whose latest frame is kept in memory for the live page"
+    )
+    gateway_stream_buffer: int = Field(
+        1_000, gt=0, description="Events held for one slow result stream before the oldest drop"
+    )
+    gateway_fleet_refresh_s: float = Field(
+        5.0, gt=0, description="How often the live page's fleet figures are collected at most"
+    )
+
+    @field_validator("gateway_tokens_file")
+    @classmethod
+    def _tokens_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+
+SETTINGS_CLASSES: tuple[type[DetfleetSettings], ...] = (
+    AdminSettings,
+    ProducerSettings,
+    ConsumerSettings,
+    GatewaySettings,
+)
 
 S = TypeVar("S", bound=DetfleetSettings)
 

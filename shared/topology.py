@@ -94,6 +94,15 @@ class UserSpec:
 USERS = (
     # Gateways publish frames and nothing else.
     UserSpec("detfleet-producer", "", configure="^$", write=r"^detfleet\.frames$", read="^$"),
+    # The HTTP gateway publishes frames like any gateway, and binds a server-named queue of its own per open
+    # result stream to detfleet.results (configure, write, read on amq.gen-*; read on the exchange to bind).
+    UserSpec(
+        "detfleet-gateway",
+        "",
+        configure=r"^amq\.gen-.*$",
+        write=r"^(detfleet\.frames|amq\.gen-.*)$",
+        read=r"^(detfleet\.results|amq\.gen-.*)$",
+    ),
     # Consumers take from the lanes, the intake and the retry return path; they publish retries, DLQ entries,
     # quarantined copies (to retry.ready) and result events; never frames.
     UserSpec(

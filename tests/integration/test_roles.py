@@ -28,6 +28,7 @@ PASSWORDS = {
     "detfleet-consumer": "CONSUMER_PASSWORD",
     "detfleet-ops": "OPS_PASSWORD",
     "detfleet-monitoring": "MONITORING_PASSWORD",
+    "detfleet-gateway": "GATEWAY_PASSWORD",
 }
 STATS_LIMIT_S = 60  # the management API refreshes queue figures every few seconds; a bound, not a timing
 

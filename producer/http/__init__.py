@@ -1,0 +1,1 @@
+"""The HTTP gateway (``detfleet gateway``): a producer that speaks HTTP to cameras and browsers."""
