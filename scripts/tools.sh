@@ -47,3 +47,14 @@ if ! stream_tools_present; then
   install_streams() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${streams[@]}" >/dev/null; }
   install_streams || { apt-get update -q >/dev/null && install_streams; } || { echo "tools: could not install ${streams[*]}" >&2; exit 1; }
 fi
+
+# The HTTP gateway's live page is tested in headless Chromium (Debian's chromium), driven by Playwright with
+# the system browser (tests/integration/test_http_gateway_page.py); Playwright never downloads one.
+if ! command -v chromium >/dev/null; then
+  if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+    echo "tools: chromium is missing; install Debian's chromium package" >&2
+    exit 1
+  fi
+  install_chromium() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+  install_chromium || { apt-get update -q >/dev/null && install_chromium; } || { echo "tools: could not install chromium" >&2; exit 1; }
+fi

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
@@ -30,9 +31,9 @@ from producer.http.live import HeldFrame
 from producer.http.metrics import GatewayMetrics
 from producer.http.runtime import Gateway
 from producer.http.streams import subscribed
-from shared.errors import BrokerError, DatabaseError, TaskValidationError
+from shared.errors import BrokerError, DatabaseError, FrameDroppedError, TaskValidationError
 from shared.events import ResultEvent
-from shared.schema import NAME_PATTERN
+from shared.schema import NAME_PATTERN, realtime_deadline
 from shared.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,16 @@ StatusFilter = Annotated[Status | None, Query(description="Only ok, failed or sh
 
 def _unavailable(detail: str, retry_after_s: int) -> HTTPException:
     return HTTPException(503, detail, headers={"Retry-After": str(retry_after_s)})
+
+
+def _field_error(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("query", field), "msg": message, "input": None}]
+    )
+
+
+def past_deadline(captured_at: datetime, budget_ms: int) -> bool:
+    return realtime_deadline(captured_at, budget_ms) <= datetime.now(UTC)
 
 
 def _unauthorized(detail: str) -> HTTPException:
@@ -168,9 +179,98 @@ def jsonable_errors(error: RequestValidationError) -> list[dict[str, Any]]:
 # ---- frames in ---------------------------------------------------------------------------------------------
 
 
+class FrameIntake:
+    """POST /v1/frames in order: scope, rate, fields, body, image checks, broker state, publish, record."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._settings = gateway.settings
+
+    async def accept(
+        self, request: Request, response: Response, fields: FrameFields, identity: Identity
+    ) -> dict[str, str]:
+        try:
+            return await self._accept(request, response, fields, identity)
+        except (HTTPException, RequestValidationError) as error:
+            status = error.status_code if isinstance(error, HTTPException) else 422
+            self._gateway.metrics.refused.labels(str(status)).inc()
+            raise
+
+    async def _accept(
+        self, request: Request, response: Response, fields: FrameFields, identity: Identity
+    ) -> dict[str, str]:
+        gateway = self._gateway
+        self._admit(fields, identity)
+        body = await read_frame(request)
+        check_frame(body)
+        if not gateway.can_publish:
+            raise self._unavailable("the broker is unreachable or blocked: send again later")
+        task_id = await self._publish(fields, body)
+        await self._remember(task_id, fields)
+        media_type = "image/png" if body.startswith(b"\x89PNG") else "image/jpeg"
+        gateway.frames.keep(fields.site, fields.camera, HeldFrame(task_id, body, media_type))
+        gateway.metrics.accepted.labels(fields.lane).inc()
+        location = f"/v1/tasks/{task_id}"
+        response.headers["Location"] = location
+        return {"task_id": str(task_id), "status": "accepted", "location": location}
+
+    def _admit(self, fields: FrameFields, identity: Identity) -> None:
+        """403 outside the token's cameras, 429 over its rate, 422 for a realtime frame already too old."""
+        settings = self._settings
+        if not identity.may_publish(fields.site, fields.camera):
+            raise HTTPException(
+                403, f"token {identity.name!r} may not publish for {fields.site}/{fields.camera}"
+            )
+        wait = self._gateway.limiter.take(identity.name)
+        if wait:
+            raise HTTPException(
+                429,
+                f"over {settings.gateway_rate:g} frames/s",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
+        if fields.lane == "realtime" and past_deadline(fields.captured_at, settings.realtime_deadline_ms):
+            raise _field_error(
+                "captured_at", f"a realtime frame older than {settings.realtime_deadline_ms} ms would be shed"
+            )
+
+    def _unavailable(self, detail: str) -> HTTPException:
+        return _unavailable(detail, self._settings.gateway_retry_after_s)
+
+    async def _publish(self, fields: FrameFields, body: bytes) -> uuid.UUID:
+        started = time.perf_counter()
+        try:
+            task_id = await self._gateway.publisher.publish(
+                body,
+                camera=fields.camera,
+                site=fields.site,
+                lane=fields.lane,
+                captured_at=fields.captured_at,
+                trace_id=fields.trace_id,
+                key=fields.key(body),
+                timeout=self._settings.gateway_publish_timeout_s,
+            )
+        except TaskValidationError as error:
+            raise HTTPException(422, str(error)) from None
+        except FrameDroppedError as error:
+            # A realtime frame whose deadline passed before it could be sent: sending again cannot help.
+            raise _field_error("captured_at", f"realtime frame already past its deadline ({error})") from None
+        except BrokerError as error:
+            # Nacked (lane full), no confirm in time (blocked), lost or returned: never a 202.
+            raise self._unavailable(f"not accepted: {error}") from None
+        self._gateway.metrics.publish_seconds.observe(time.perf_counter() - started)
+        return task_id
+
+    async def _remember(self, task_id: uuid.UUID, fields: FrameFields) -> None:
+        try:
+            await self._gateway.store.remember(task_id, fields.site, fields.camera, fields.lane)
+        except DatabaseError as error:
+            # The frame is confirmed and will get its row; only "pending" is lost until then.
+            self._gateway.metrics.unremembered.inc()
+            logger.warning("Task %s accepted but not recorded: %s", task_id, error)
+
+
 def _frame_routes(app: FastAPI, gateway: Gateway) -> None:
-    settings = gateway.settings
-    retry_after = settings.gateway_retry_after_s
+    intake = FrameIntake(gateway)
 
     @app.post(
         "/v1/frames",
@@ -193,67 +293,7 @@ def _frame_routes(app: FastAPI, gateway: Gateway) -> None:
         fields: Annotated[FrameFields, Depends(frame_fields)],
         identity: Annotated[Identity, Depends(identify)],
     ) -> dict[str, str]:
-        try:
-            return await _accept(request, response, fields, identity)
-        except HTTPException as error:
-            gateway.metrics.refused.labels(str(error.status_code)).inc()
-            raise
-
-    async def _accept(
-        request: Request, response: Response, fields: FrameFields, identity: Identity
-    ) -> dict[str, str]:
-        if not identity.may_publish(fields.site, fields.camera):
-            raise HTTPException(
-                403, f"token {identity.name!r} may not publish for {fields.site}/{fields.camera}"
-            )
-        wait = gateway.limiter.take(identity.name)
-        if wait:
-            raise HTTPException(
-                429,
-                f"over {settings.gateway_rate:g} frames/s",
-                headers={"Retry-After": retry_after_header(wait)},
-            )
-        body = await read_frame(request)
-        check_frame(body)
-        if not gateway.can_publish:
-            raise _unavailable("the broker is unreachable or blocked: send again later", retry_after)
-        task_id = await _publish(fields, body)
-        await _remember(task_id, fields)
-        media_type = "image/png" if body.startswith(b"\x89PNG") else "image/jpeg"
-        gateway.frames.keep(fields.site, fields.camera, HeldFrame(task_id, body, media_type))
-        gateway.metrics.accepted.labels(fields.lane).inc()
-        location = f"/v1/tasks/{task_id}"
-        response.headers["Location"] = location
-        return {"task_id": str(task_id), "status": "accepted", "location": location}
-
-    async def _publish(fields: FrameFields, body: bytes) -> uuid.UUID:
-        started = time.perf_counter()
-        try:
-            task_id = await gateway.publisher.publish(
-                body,
-                camera=fields.camera,
-                site=fields.site,
-                lane=fields.lane,
-                captured_at=fields.captured_at,
-                trace_id=fields.trace_id,
-                key=fields.key(body),
-                timeout=settings.gateway_publish_timeout_s,
-            )
-        except TaskValidationError as error:
-            raise HTTPException(422, str(error)) from None
-        except BrokerError as error:
-            # Nacked (lane full), no confirm in time (blocked), lost, returned or dropped: never a 202.
-            raise _unavailable(f"not accepted: {error}", retry_after) from None
-        gateway.metrics.publish_seconds.observe(time.perf_counter() - started)
-        return task_id
-
-    async def _remember(task_id: uuid.UUID, fields: FrameFields) -> None:
-        try:
-            await gateway.store.remember(task_id, fields.site, fields.camera, fields.lane)
-        except DatabaseError as error:
-            # The frame is confirmed and will get its row; only "pending" is lost until then.
-            gateway.metrics.unremembered.inc()
-            logger.warning("Task %s accepted but not recorded: %s", task_id, error)
+        return await intake.accept(request, response, fields, identity)
 
 
 # ---- results -----------------------------------------------------------------------------------------------

@@ -186,6 +186,8 @@ async def test_bad_input_gets_413_415_422(http: RunningGateway, client: aiohttp.
         "site": {"site": "a.b"},
         "lane": {"lane": "urgent"},
         "captured_at": {"captured_at": "2026-11-23T08:00:00"},
+        # Past its deadline already: it would only be shed, so it is refused (sending again cannot help).
+        "realtime captured_at": {"lane": "realtime", "captured_at": "2000-01-01T00:00:00Z"},
     }
     for field, params in expectations.items():
         response = await post_jpeg(client, http, jpeg_bytes(seed=8), **params)
