@@ -249,7 +249,10 @@ CRD_SCHEMAS = REPO / "tests" / "data" / "crd-schemas"
 RENDERED_KINDS = (
     *("Namespace", "ConfigMap", "Job", "Deployment", "PodDisruptionBudget", "Service"),
     *("ScaledObject", "TriggerAuthentication", "PodMonitor"),
+    # The HTTP gateway: its Deployment, Service and CPU autoscaler.
+    *("Deployment", "Service", "HorizontalPodAutoscaler"),
 )
+CONSUMER, GATEWAY = "detfleet-consumer", "detfleet-gateway"
 
 
 def kustomize(overlay: str) -> list[dict[str, Any]]:
@@ -278,8 +281,8 @@ def validate(doc: dict[str, Any]) -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    [doc] = [d for d in docs if d["kind"] == kind]
+def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return doc
 
 
@@ -294,7 +297,7 @@ def test_each_overlay_renders_and_validates(rendered: dict[str, list[dict[str, A
 
 
 def test_the_validators_refuse_a_misspelt_field(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    deployment = copy.deepcopy(by_kind(rendered["cpu"], "Deployment"))
+    deployment = copy.deepcopy(by_kind(rendered["cpu"], "Deployment", CONSUMER))
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment)
@@ -328,7 +331,7 @@ def test_every_referenced_secret_key_is_in_the_example(rendered: dict[str, list[
 def test_the_consumer_deployment_is_probed_bounded_and_locked_down(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
-    pod = by_kind(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
+    pod = by_kind(rendered["cpu"], "Deployment", CONSUMER)["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert pod["terminationGracePeriodSeconds"] > ConsumerSettings().shutdown_grace_s + 10
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -348,11 +351,11 @@ def test_the_consumer_deployment_is_probed_bounded_and_locked_down(
 def test_the_gpu_overlay_asks_for_a_gpu_and_insists_on_cuda(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
-    [container] = by_kind(rendered["gpu"], "Deployment")["spec"]["template"]["spec"]["containers"]
+    [container] = by_kind(rendered["gpu"], "Deployment", CONSUMER)["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": "DETFLEET_DEVICE", "value": "cuda"} in container["env"]
     assert container["image"] == "detfleet:0.1.0-gpu"
-    cpu = by_kind(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    cpu = by_kind(rendered["cpu"], "Deployment", CONSUMER)["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
 
 
@@ -370,7 +373,7 @@ def test_keda_counts_ready_plus_unacked_with_a_fallback_and_a_slow_scale_down(
 ) -> None:
     docs = rendered["cpu"]
     spec = by_kind(docs, "ScaledObject")["spec"]
-    assert spec["scaleTargetRef"]["name"] == by_kind(docs, "Deployment")["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == by_kind(docs, "Deployment", CONSUMER)["metadata"]["name"]
     queues = {t["metadata"]["queueName"] for t in spec["triggers"]}
     assert queues == {"detfleet.bulk", "detfleet.realtime"}
     for trigger in spec["triggers"]:
@@ -380,7 +383,7 @@ def test_keda_counts_ready_plus_unacked_with_a_fallback_and_a_slow_scale_down(
             trigger["authenticationRef"]["name"] == by_kind(docs, "TriggerAuthentication")["metadata"]["name"]
         )
     assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
-    grace = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = by_kind(docs, "Deployment", CONSUMER)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     window = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert window["stabilizationWindowSeconds"] > grace
 
@@ -389,11 +392,11 @@ def test_a_disruption_budget_and_the_metrics_endpoints_select_the_consumers(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     docs = rendered["cpu"]
-    labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = by_kind(docs, "Deployment", CONSUMER)["spec"]["template"]["metadata"]["labels"]
     for kind, selector in (
         ("PodDisruptionBudget", by_kind(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]),
         ("PodMonitor", by_kind(docs, "PodMonitor")["spec"]["selector"]["matchLabels"]),
-        ("Service", by_kind(docs, "Service")["spec"]["selector"]),
+        ("Service", by_kind(docs, "Service", "detfleet-consumer-metrics")["spec"]["selector"]),
     ):
         assert selector.items() <= labels.items(), kind
     assert by_kind(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
@@ -405,3 +408,40 @@ def test_the_configmap_names_only_real_settings_and_quorum_queues(
     data = by_kind(rendered["cpu"], "ConfigMap")["data"]
     assert set(data) <= known_variables()
     assert data["DETFLEET_QUEUE_TYPE"] == "quorum"
+
+
+def test_the_gateway_deployment_is_probed_locked_down_and_scaled_on_cpu(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["cpu"]
+    deployment = by_kind(docs, "Deployment", GATEWAY)
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"][0] == "gateway" and container["args"][0] in COMMANDS
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["requests"]["cpu"]  # what the HPA's utilisation is a share of
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DETFLEET_AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == GATEWAY
+    assert env["DETFLEET_GATEWAY_TOKENS_FILE"]["value"].startswith(
+        next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tokens")
+    )
+    assert set(env) <= known_variables()
+    service = by_kind(docs, "Service", GATEWAY)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    hpa = by_kind(docs, "HorizontalPodAutoscaler", GATEWAY)["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": GATEWAY}
+    [metric] = hpa["metrics"]
+    assert (metric["type"], metric["resource"]["name"]) == ("Resource", "cpu")
+    assert hpa["minReplicas"] >= 2
+
+
+def test_the_compose_gateway_logs_in_as_its_role_and_serves_on_loopback(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    env = gateway["environment"]
+    assert env["DETFLEET_AMQP_URL"].startswith("amqp://detfleet-gateway:")
+    assert env["DETFLEET_DATABASE_URL"].startswith("postgresql://detfleet_writer:")
+    assert [p["host_ip"] for p in gateway["ports"]] == ["127.0.0.1"]
