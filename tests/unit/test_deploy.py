@@ -417,7 +417,8 @@ def test_the_gateway_deployment_is_probed_locked_down_and_scaled_on_cpu(
     deployment = by_kind(docs, "Deployment", GATEWAY)
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]
-    assert container["args"][0] == "gateway" and container["args"][0] in COMMANDS
+    assert container["args"][0] == "gateway"
+    assert container["args"][0] in COMMANDS
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
