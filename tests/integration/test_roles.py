@@ -59,6 +59,17 @@ def get_from(queue: str) -> Operation:
     return get
 
 
+def subscribe_to(exchange: str) -> Operation:
+    """What a live stream does: a server-named exclusive queue bound to ``exchange`` and consumed."""
+
+    def subscribe(channel: BlockingChannel) -> None:
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue, exchange, "ok.*.*")
+        channel.basic_consume(queue, lambda *_: None)
+
+    return subscribe
+
+
 def purge(queue: str) -> Operation:
     return lambda channel: channel.queue_purge(queue)
 
@@ -114,6 +125,13 @@ CASES = [
     ("detfleet-ops", get_from("detfleet.bulk"), "refused"),
     ("detfleet-ops", publish_to("detfleet.dlq"), "refused"),
     ("detfleet-ops", delete_queue("detfleet.dlq"), "refused"),
+    # The HTTP gateway publishes frames and binds a server-named queue per result stream; nothing else.
+    ("detfleet-gateway", publish_to("detfleet.frames"), "allowed"),
+    ("detfleet-gateway", subscribe_to("detfleet.results"), "allowed"),
+    ("detfleet-gateway", publish_to("detfleet.results", "ok.site.cam"), "refused"),
+    ("detfleet-gateway", get_from("detfleet.bulk"), "refused"),
+    ("detfleet-gateway", purge("detfleet.dlq"), "refused"),
+    ("detfleet-gateway", declare_queue("detfleet.extra"), "refused"),
     # Monitoring moves no message at all.
     ("detfleet-monitoring", get_from("detfleet.bulk"), "refused"),
     ("detfleet-monitoring", publish_to("detfleet.frames"), "refused"),
