@@ -202,11 +202,16 @@ class Broker:
             finally:
                 await channel.close()
 
-    async def publish(self, envelope: Envelope, exchange: str, timeout: float | None = 10.0) -> None:
-        """Publish and wait for the broker's confirm; returns and nacks raise our errors."""
+    async def publish(
+        self, envelope: Envelope, exchange: str, timeout: float | None = 10.0, mandatory: bool = True
+    ) -> None:
+        """Publish and wait for the broker's confirm; nacks raise our errors, and so do returns unless
+        ``mandatory`` is off (an event that no subscriber's queue is bound for is fine)."""
         with translated_errors(f"publish {envelope.message_id} to {exchange or '(default)'}"):
             target = await self._exchange(exchange)
-            await target.publish(to_message(envelope), envelope.routing_key, mandatory=True, timeout=timeout)
+            await target.publish(
+                to_message(envelope), envelope.routing_key, mandatory=mandatory, timeout=timeout
+            )
 
     async def _exchange(self, name: str) -> AbstractExchange:
         if name not in self._exchanges:
