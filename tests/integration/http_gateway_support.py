@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import uvicorn
 
+from detfleet import synth
 from producer.http.app import create_app
 from producer.http.auth import hash_token
 from producer.http.runtime import Gateway
@@ -75,3 +77,10 @@ async def serving(settings: GatewaySettings, wait_connected: bool = True) -> Asy
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, START_LIMIT_S)
+
+
+def scene_jpeg(seed: int) -> bytes:
+    """A generated production-line frame (640x480) with objects the shipped detector finds."""
+    ok, data = cv2.imencode(".jpg", synth.render_scene(seed).image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return bytes(data)

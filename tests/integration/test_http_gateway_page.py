@@ -6,19 +6,16 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
 from playwright.async_api import Browser, async_playwright
 
-from shared.broker.aio import Broker
-from shared.events import ResultEvent
-from shared.settings import AdminSettings
-from shared.topology import EXCHANGE_RESULTS
-from tests.integration.http_gateway_support import READER_TOKEN, bearer, gateway_settings, serving
-from tests.support.frames import jpeg_bytes
+from consumer.detector import DetectorConfig, load_detector
+from shared.settings import AdminSettings, shipped_model_path
+from tests.integration.consumer_support import consumer_settings, run_until_idle
+from tests.integration.http_gateway_support import READER_TOKEN, bearer, gateway_settings, scene_jpeg, serving
 
 PAGE_LIMIT_MS = 30_000  # bound against a hang
 SITE, CAMERA = "site-a", "cam-7"
@@ -45,8 +42,9 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.mark.timeout(120)
 async def test_a_posted_frame_appears_in_its_tile_with_its_boxes(
-    browser: Browser, topology_settings: AdminSettings, results_db: str, broker: Broker, tmp_path: Path
+    browser: Browser, topology_settings: AdminSettings, results_db: str, tmp_path: Path
 ) -> None:
+    detector = load_detector(DetectorConfig(model_path=shipped_model_path(), device="cpu"))
     async with serving(gateway_settings(topology_settings.amqp_url, results_db)) as http:
         page = await browser.new_page(viewport={"width": 1000, "height": 700})
         await page.goto(f"{http.url}/#token={READER_TOKEN}")
@@ -56,34 +54,28 @@ async def test_a_posted_frame_appears_in_its_tile_with_its_boxes(
             aiohttp.ClientSession() as client,
             client.post(
                 f"{http.url}/v1/frames?site={SITE}&camera={CAMERA}",
-                data=jpeg_bytes(320, 240, seed=21),
+                data=scene_jpeg(seed=21),
                 headers={"Content-Type": "image/jpeg", **bearer()},
             ) as response,
         ):
             assert response.status == 202
             task_id = uuid.UUID((await response.json())["task_id"])
-        # The result event a consumer publishes for the frame's row (docs/results.md).
-        event = ResultEvent(
-            task_id=task_id,
-            status="ok",
-            site=SITE,
-            camera_id=CAMERA,
-            lane="bulk",
-            completed_at=datetime.now(UTC),
-            model_name="detfleet-line-320.onnx",
-            detections=[
-                {"class_id": 0, "label": "part", "score": 0.91, "box": [20.0, 30.0, 140.0, 150.0]},
-                {"class_id": 2, "label": "scratch", "score": 0.64, "box": [180.0, 60.0, 300.0, 110.0]},
-            ],
-        )
-        await broker.publish(event.to_envelope(), EXCHANGE_RESULTS)
+        # A real consumer writes the frame's row and publishes its result event, which the page receives.
+        await run_until_idle(consumer_settings(topology_settings, results_db), detector)
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{http.url}/v1/tasks/{task_id}", headers=bearer()) as response,
+        ):
+            detections = (await response.json())["detections"]
+        assert detections
 
         tile = f'section[data-camera="{SITE}/{CAMERA}"][data-drawn-task="{task_id}"]'
         await page.wait_for_selector(tile, timeout=PAGE_LIMIT_MS)
-        assert await page.get_attribute(tile, "data-boxes") == "2"
-        assert "scratch 64%" in await page.inner_text(tile)
+        assert await page.get_attribute(tile, "data-boxes") == str(len(detections))
+        first = detections[0]
+        assert f"{first['label']} {round(first['score'] * 100)}%" in await page.inner_text(tile)
         drawn = await page.eval_on_selector(f"{tile} canvas", "c => [c.width, c.height]")
-        assert drawn == [320, 240]
+        assert drawn == [640, 480]
         await page.wait_for_function(
             "document.getElementById('fleet-consumers').textContent !== '-'", timeout=PAGE_LIMIT_MS
         )
