@@ -310,6 +310,9 @@ async def test_server_sent_events_deliver_matching_events(
         failed = event_for(SITE, CAMERA, "failed")
         assert await publish_event(broker, failed)
         lines = await asyncio.wait_for(next_event(response.content), STREAM_LIMIT_S)
+        assert open_streams(http, "sse") == 1
+    # The client went: the gateway notices and closes the stream and its queue.
+    await wait_until(lambda: open_streams(http, "sse") == 0, STREAM_LIMIT_S)
     assert lines[0] == b"event: result\n"
     assert lines[1] == f"id: {failed.task_id}\n".encode()
     assert ResultEvent.model_validate(json.loads(lines[2].removeprefix(b"data: "))) == failed
