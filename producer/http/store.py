@@ -6,6 +6,7 @@ restarted gateway tell "accepted, no row yet" from "unknown".
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -27,10 +28,14 @@ FROM detfleet_results WHERE task_id = $1
 _ACCEPTED = (
     "SELECT task_id, site, camera_id, lane, accepted_at FROM detfleet_gateway_tasks WHERE task_id = $1"
 )
+# Every acceptance waiting at the moment goes in one statement: under load one round trip serves many POSTs.
 _REMEMBER = """
-INSERT INTO detfleet_gateway_tasks (task_id, site, camera_id, lane, gateway) VALUES ($1, $2, $3, $4, $5)
+INSERT INTO detfleet_gateway_tasks (task_id, site, camera_id, lane, gateway)
+SELECT task_id, site, camera_id, lane, $5 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+    AS accepted (task_id, site, camera_id, lane)
 ON CONFLICT (task_id) DO NOTHING
 """
+_Accepted = tuple[uuid.UUID, str, str, str]
 _TIMINGS = ("queue_wait_ms", "decode_ms", "inference_ms", "sink_ms", "end_to_end_ms")
 
 
@@ -52,12 +57,16 @@ class Store:
         self._url = url
         self._gateway = gateway
         self._pool: asyncpg.Pool | None = None
+        self._waiting: list[tuple[_Accepted, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # min_size 0: the gateway starts while the database is away and /readyz says so.
         self._pool = await asyncpg.create_pool(self._url, min_size=0, max_size=8, timeout=QUERY_TIMEOUT_S)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self._pool is not None:
             await self._pool.close()
 
@@ -82,4 +91,26 @@ class Store:
         return None if record is None else dict(record)
 
     async def remember(self, task_id: uuid.UUID, site: str, camera: str, lane: Lane) -> None:
-        await self._fetchrow(_REMEMBER, task_id, site, camera, lane, self._gateway)
+        """Record an accepted task; returns once it is written (batched with those accepted meanwhile)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller that went away (client disconnected) leaves its outcome unread: mark it seen.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._waiting.append(((task_id, site, camera, lane), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
+        await asyncio.shield(done)
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            columns = [list(column) for column in zip(*(accepted for accepted, _ in batch), strict=True)]
+            try:
+                await self._fetchrow(_REMEMBER, *columns, self._gateway)
+            except DatabaseError as error:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(error)
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
