@@ -158,7 +158,7 @@ async def identify(
     return identity
 
 
-def reader(identity: Annotated[Identity, Depends(identify)]) -> Identity:
+async def reader(identity: Annotated[Identity, Depends(identify)]) -> Identity:
     """A caller that may read results; 403 for a publish-only token."""
     if not identity.read:
         raise HTTPException(403, f"token {identity.name!r} may not read results")

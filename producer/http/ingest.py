@@ -81,7 +81,7 @@ _NAME = NAME_PATTERN
 _TRACE = r"^[^\x00]+$"
 
 
-def frame_fields(
+async def frame_fields(
     site: Annotated[str | None, Query(pattern=_NAME, description="Site (or header X-Detfleet-Site)")] = None,
     camera: Annotated[
         str | None, Query(pattern=_NAME, description="Camera (or header X-Detfleet-Camera)")
@@ -104,7 +104,8 @@ def frame_fields(
     x_detfleet_trace_id: Annotated[str | None, Header(min_length=1, max_length=128, pattern=_TRACE)] = None,
     x_detfleet_frame_id: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
 ) -> FrameFields:
-    """The frame's fields from the query string, else from ``X-Detfleet-*`` headers."""
+    """The frame's fields from the query string, else from ``X-Detfleet-*`` headers (async: FastAPI runs a
+    plain function dependency in a worker thread, which costs more than the work)."""
     chosen_site = site or x_detfleet_site
     chosen_camera = camera or x_detfleet_camera
     if chosen_site is None:
