@@ -77,7 +77,11 @@ def db_main(argv: Sequence[str]) -> int:
     settings = _settings()
     if args.action == "prune":
         removed = asyncio.run(db.prune(settings.database_url, args.older_than, args.status))
-        print(f"pruned {removed} rows from {db.database_name(settings.database_url)}")
+        accepted = asyncio.run(db.prune_accepted(settings.database_url, args.older_than))
+        print(
+            f"pruned {removed} rows and {accepted} HTTP gateway acceptances from "
+            f"{db.database_name(settings.database_url)}"
+        )
         return 0
     applied = asyncio.run(db.migrate(settings.database_url))
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none pending"

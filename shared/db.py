@@ -170,6 +170,32 @@ DELETE FROM detfleet_results r USING doomed d WHERE r.task_id = d.task_id
 """
 
 
+# The HTTP gateway's acceptances (migration 0005) matter only until their row exists: pruned by age alone.
+_PRUNE_ACCEPTED_BATCH = """
+WITH doomed AS (
+    SELECT task_id FROM detfleet_gateway_tasks WHERE accepted_at < now() - $1::interval
+    LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM detfleet_gateway_tasks g USING doomed d WHERE g.task_id = d.task_id
+"""
+
+
+async def prune_accepted(url: str, older_than: timedelta, batch: int = 5_000) -> int:
+    """Delete the HTTP gateway's acceptances older than ``older_than``, in batches."""
+    conn = await connect(url)
+    removed = 0
+    try:
+        while True:
+            count = int((await conn.execute(_PRUNE_ACCEPTED_BATCH, older_than, batch)).split()[-1])
+            removed += count
+            if count < batch:
+                return removed
+    except asyncpg.PostgresError as error:
+        raise DatabaseError(f"prune failed: {error}") from error
+    finally:
+        await conn.close()
+
+
 async def prune(url: str, older_than: timedelta, status: str | None = None, batch: int = 5_000) -> int:
     """Delete result rows completed before ``older_than`` ago (of one status, if given), in batches."""
     conn = await connect(url)

@@ -46,3 +46,19 @@ async def test_prune_deletes_only_old_rows_of_the_status_asked_for(results_db: s
 
     assert await db.prune(results_db, timedelta(days=30)) == 2
     assert await remaining(results_db) == [(1, "failed"), (1, "ok")]
+
+
+async def test_prune_deletes_old_gateway_acceptances_too(results_db: str) -> None:
+    conn = await asyncpg.connect(results_db)
+    try:
+        for days in (40, 40, 1):
+            await conn.execute(
+                "INSERT INTO detfleet_gateway_tasks (task_id, site, camera_id, lane, accepted_at)"
+                " VALUES ($1, 's', 'c', 'bulk', now() - $2::interval)",
+                uuid.uuid4(),
+                timedelta(days=days),
+            )
+        assert await db.prune_accepted(results_db, timedelta(days=30), batch=1) == 2
+        assert await conn.fetchval("SELECT count(*) FROM detfleet_gateway_tasks") == 1
+    finally:
+        await conn.close()
