@@ -190,6 +190,8 @@ async def prune_accepted(url: str, older_than: timedelta, batch: int = 5_000) ->
             removed += count
             if count < batch:
                 return removed
+    except asyncpg.UndefinedTableError:
+        return removed  # a database migrated before 0005 has no acceptances to prune
     except asyncpg.PostgresError as error:
         raise DatabaseError(f"prune failed: {error}") from error
     finally:
