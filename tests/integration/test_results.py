@@ -1,0 +1,185 @@
+"""``detfleet results``: rows read back with filters, live events with --follow, and its usage errors.
+
+Real broker and Postgres, each test its own vhost and database; the command runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from datetime import timedelta
+
+from shared.broker.aio import Broker
+from shared.events import ResultEvent
+from shared.settings import AdminSettings
+from shared.topology import EXCHANGE_RESULTS
+from tests.integration.results_support import (
+    BOUND_S,
+    cli_env,
+    collect,
+    insert_rows,
+    make_event,
+    publish_events,
+    run_cli,
+    start_cli,
+    wait_until_subscribed,
+)
+
+
+async def test_follow_bound_to_failures_prints_only_failures_and_ctrl_c_exits_0(
+    broker: Broker, topology_settings: AdminSettings
+) -> None:
+    # Everything routes somewhere (publishes are mandatory): a catch-all subscriber sees every event.
+    everything, catch_all = await collect(broker, EXCHANGE_RESULTS, ["#"])
+    process = await start_cli(cli_env(topology_settings.amqp_url), "--follow", "--status", "failed", "--json")
+    try:
+        await wait_until_subscribed(process)
+        events = [
+            make_event("ok", camera="cam-1"),
+            make_event("failed", camera="cam-1"),
+            make_event("shed", camera="cam-2", site="line-2"),
+            make_event("failed", camera="cam-2", site="line-2"),
+            make_event("ok", camera="cam-3"),
+            make_event("failed", camera="cam-3", reason="inference failed: CUDA out of memory"),
+        ]
+        await publish_events(broker, events)
+        failed = [e for e in events if e.status == "failed"]
+        assert process.stdout is not None
+        # One queue keeps publish order: once the last failure is printed, nothing else can be on its way.
+        lines = [await asyncio.wait_for(process.stdout.readline(), BOUND_S) for _ in failed]
+        process.send_signal(signal.SIGINT)
+        rest, err = await asyncio.wait_for(process.communicate(), BOUND_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    assert (rest, err) == (b"", b"")  # Ctrl-C is quiet
+    assert [ResultEvent.from_json(line) for line in lines] == failed
+    assert len(await everything.wait_for(len(events))) == len(events)
+    await catch_all.close()
+
+
+async def test_follow_without_json_prints_a_line_per_event_and_limit_ends_it(
+    broker: Broker, topology_settings: AdminSettings
+) -> None:
+    everything, catch_all = await collect(broker, EXCHANGE_RESULTS, ["#"])
+    process = await start_cli(
+        cli_env(topology_settings.amqp_url),
+        "--follow",
+        "--camera",
+        "cam-7",
+        "--site",
+        "line-1",
+        "--limit",
+        "2",
+    )
+    try:
+        await wait_until_subscribed(process)
+        events = [
+            make_event("ok", camera="cam-6"),
+            make_event("ok", camera="cam-7"),
+            make_event("failed", camera="cam-7"),
+        ]
+        await publish_events(broker, events)
+        out, _ = await asyncio.wait_for(process.communicate(), BOUND_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    header, *lines = out.decode().splitlines()
+    assert header.split("  ")[:3] == ["completed at", "status", "site"]
+    assert len(lines) == 2
+    assert str(events[1].task_id) in lines[0] and "line-1/cam-7" in lines[0] and "1 scratch" in lines[0]
+    assert str(events[2].task_id) in lines[1] and "reason: failed: a reason" in lines[1]
+    await everything.wait_for(3)
+    await catch_all.close()
+
+
+async def test_rows_read_back_as_a_table_and_as_event_json_with_filters(
+    topology_settings: AdminSettings, results_db: str
+) -> None:
+    events = [
+        make_event("ok", camera="cam-1", age=timedelta(minutes=5)),
+        make_event("failed", camera="cam-1", age=timedelta(minutes=4)),
+        make_event("ok", camera="cam-2", site="line-2", age=timedelta(minutes=3)),
+        make_event("shed", camera="cam-2", site="line-2", age=timedelta(minutes=2), detections=None),
+        make_event("failed", camera="cam-1", age=timedelta(hours=3)),
+        make_event("ok", camera="cam-1", age=timedelta(minutes=1), detections=[]),
+    ]
+    await insert_rows(results_db, events)
+    env = cli_env(topology_settings.amqp_url, results_db)
+
+    async def ids(*args: str) -> list[uuid.UUID]:
+        code, out, err = await run_cli(env, "--json", *args)
+        assert (code, err) == (0, ""), err
+        return [ResultEvent.from_json(line.encode()).task_id for line in out.splitlines()]
+
+    newest_first = sorted(events, key=lambda e: e.completed_at, reverse=True)
+    assert await ids() == [e.task_id for e in newest_first]
+    assert await ids("--status", "failed") == [events[1].task_id, events[4].task_id]
+    assert await ids("--camera", "cam-1", "--since", "1h") == [
+        events[5].task_id,
+        events[1].task_id,
+        events[0].task_id,
+    ]
+    assert await ids("--site", "line-2", "--status", "shed") == [events[3].task_id]
+    assert await ids("--limit", "2") == [events[5].task_id, events[3].task_id]
+    assert await ids("--camera", "cam-9") == []
+
+    code, out, err = await run_cli(env, "--json", "--status", "ok", "--site", "line-2")
+    assert (code, err) == (0, "")
+    assert [ResultEvent.from_json(line.encode()) for line in out.splitlines()] == [
+        events[2]  # the whole event, every field
+    ]
+    first = json.loads(out.splitlines()[0])
+    assert first["version"] == 1
+    assert first["detections"][0]["label"] == "scratch"
+
+    wide = env | {"COLUMNS": "250"}  # rich folds a table to 80 columns where stdout is no terminal
+    code, out, err = await run_cli(wide, "--camera", "cam-1", "--limit", "10")
+    assert (code, err) == (0, "")
+    assert "results: 4 shown" in out
+    for event in (events[0], events[1], events[4], events[5]):
+        assert str(event.task_id) in out
+    assert "line-2" not in out
+
+
+async def test_bad_arguments_exit_2_and_an_unreachable_service_exits_1_with_one_line(
+    topology_settings: AdminSettings,
+) -> None:
+    env = cli_env(topology_settings.amqp_url)
+    usage_errors = [
+        ("--status", "lost"),
+        ("--limit", "0"),
+        ("--since", "3 parsecs"),
+        ("--camera", "cam.1"),
+        ("--site", "*"),
+        ("--follow", "--since", "1h"),
+        ("--frobnicate",),
+        ("forward",),
+        ("forward", "--webhook", "ftp://example.invalid/hook"),
+        ("forward", "--webhook", "http://127.0.0.1:9/hook", "--name", "a.b"),
+        ("forward", "--webhook", "http://127.0.0.1:9/hook"),  # no secret
+        ("forward", "--webhook", "http://127.0.0.1:9/hook", "--secret-env", "NO_SUCH_VARIABLE_SET"),
+    ]
+    results = await asyncio.gather(*(run_cli(env, *args) for args in usage_errors))
+    for args, (code, out, err) in zip(usage_errors, results, strict=True):
+        assert code == 2, (args, err)
+        assert out == ""
+        assert "error:" in err.strip().splitlines()[-1], (args, err)
+        assert "Traceback" not in err
+
+    unreachable = [
+        (cli_env("amqp://guest:guest@127.0.0.1:1/"), ("--follow",)),
+        (cli_env(topology_settings.amqp_url, "postgresql://postgres@127.0.0.1:1/nowhere"), ()),
+    ]
+    results = await asyncio.gather(*(run_cli(e, *args) for e, args in unreachable))
+    for code, out, err in results:
+        assert code == 1
+        assert out == ""
+        assert len(err.strip().splitlines()) == 1
+        assert err.startswith("detfleet results: error:")
