@@ -10,7 +10,12 @@ import json
 import signal
 import uuid
 from datetime import timedelta
+from typing import Any
 
+import pytest
+
+from detfleet import cli
+from detfleet.results import RowFilters, read_rows
 from shared.broker.aio import Broker
 from shared.events import ResultEvent
 from shared.settings import AdminSettings
@@ -93,8 +98,11 @@ async def test_follow_without_json_prints_a_line_per_event_and_limit_ends_it(
     header, *lines = out.decode().splitlines()
     assert header.split("  ")[:3] == ["completed at", "status", "site"]
     assert len(lines) == 2
-    assert str(events[1].task_id) in lines[0] and "line-1/cam-7" in lines[0] and "1 scratch" in lines[0]
-    assert str(events[2].task_id) in lines[1] and "reason: failed: a reason" in lines[1]
+    assert str(events[1].task_id) in lines[0]
+    assert "line-1/cam-7" in lines[0]
+    assert "1 scratch" in lines[0]
+    assert str(events[2].task_id) in lines[1]
+    assert "reason: failed: a reason" in lines[1]
     await everything.wait_for(3)
     await catch_all.close()
 
@@ -113,22 +121,22 @@ async def test_rows_read_back_as_a_table_and_as_event_json_with_filters(
     await insert_rows(results_db, events)
     env = cli_env(topology_settings.amqp_url, results_db)
 
-    async def ids(*args: str) -> list[uuid.UUID]:
-        code, out, err = await run_cli(env, "--json", *args)
-        assert (code, err) == (0, ""), err
-        return [ResultEvent.from_json(line.encode()).task_id for line in out.splitlines()]
+    async def ids(**filters: Any) -> list[uuid.UUID]:
+        return [e.task_id for e in await read_rows(results_db, RowFilters(**filters))]
 
+    # The filters, through the command's own query (in-process: eight commands would cost seconds each).
     newest_first = sorted(events, key=lambda e: e.completed_at, reverse=True)
     assert await ids() == [e.task_id for e in newest_first]
-    assert await ids("--status", "failed") == [events[1].task_id, events[4].task_id]
-    assert await ids("--camera", "cam-1", "--since", "1h") == [
+    assert await ids(status="failed") == [events[1].task_id, events[4].task_id]
+    assert await ids(camera="cam-1", since=timedelta(hours=1)) == [
         events[5].task_id,
         events[1].task_id,
         events[0].task_id,
     ]
-    assert await ids("--site", "line-2", "--status", "shed") == [events[3].task_id]
-    assert await ids("--limit", "2") == [events[5].task_id, events[3].task_id]
-    assert await ids("--camera", "cam-9") == []
+    assert await ids(site="line-2", status="shed") == [events[3].task_id]
+    assert await ids(limit=2) == [events[5].task_id, events[3].task_id]
+    assert await ids(camera="cam-9") == []
+    assert await read_rows(results_db, RowFilters()) == newest_first  # every field comes back
 
     code, out, err = await run_cli(env, "--json", "--status", "ok", "--site", "line-2")
     assert (code, err) == (0, "")
@@ -148,38 +156,49 @@ async def test_rows_read_back_as_a_table_and_as_event_json_with_filters(
     assert "line-2" not in out
 
 
-async def test_bad_arguments_exit_2_and_an_unreachable_service_exits_1_with_one_line(
-    topology_settings: AdminSettings,
-) -> None:
-    env = cli_env(topology_settings.amqp_url)
-    usage_errors = [
-        ("--status", "lost"),
-        ("--limit", "0"),
-        ("--since", "3 parsecs"),
-        ("--camera", "cam.1"),
-        ("--site", "*"),
-        ("--follow", "--since", "1h"),
-        ("--frobnicate",),
-        ("forward",),
-        ("forward", "--webhook", "ftp://example.invalid/hook"),
-        ("forward", "--webhook", "http://127.0.0.1:9/hook", "--name", "a.b"),
-        ("forward", "--webhook", "http://127.0.0.1:9/hook"),  # no secret
-        ("forward", "--webhook", "http://127.0.0.1:9/hook", "--secret-env", "NO_SUCH_VARIABLE_SET"),
-    ]
-    results = await asyncio.gather(*(run_cli(env, *args) for args in usage_errors))
-    for args, (code, out, err) in zip(usage_errors, results, strict=True):
-        assert code == 2, (args, err)
-        assert out == ""
-        assert "error:" in err.strip().splitlines()[-1], (args, err)
-        assert "Traceback" not in err
+USAGE_ERRORS = [
+    ("--status", "lost"),
+    ("--limit", "0"),
+    ("--since", "3 parsecs"),
+    ("--camera", "cam.1"),
+    ("--site", "*"),
+    ("--follow", "--since", "1h"),
+    ("--frobnicate",),
+    ("forward",),
+    ("forward", "--webhook", "ftp://example.invalid/hook"),
+    ("forward", "--webhook", "http://127.0.0.1:9/hook", "--name", "a.b"),
+    ("forward", "--webhook", "http://127.0.0.1:9/hook"),  # no secret
+    ("forward", "--webhook", "http://127.0.0.1:9/hook", "--secret-env", "NO_SUCH_VARIABLE_SET"),
+]
 
-    unreachable = [
-        (cli_env("amqp://guest:guest@127.0.0.1:1/"), ("--follow",)),
-        (cli_env(topology_settings.amqp_url, "postgresql://postgres@127.0.0.1:1/nowhere"), ()),
+
+@pytest.mark.parametrize("args", USAGE_ERRORS, ids=" ".join)
+def test_bad_arguments_exit_2_with_an_error_line(
+    args: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = cli.main(["results", *args])
+    except SystemExit as stop:  # argparse's own usage errors
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert "error:" in err.strip().splitlines()[-1]
+
+
+async def test_the_exit_codes_are_those_of_the_real_command(topology_settings: AdminSettings) -> None:
+    """As a process: a usage error exits 2, an unreachable broker or database 1, each with one line."""
+    runs = [
+        (cli_env(topology_settings.amqp_url), ("--status", "lost"), 2),
+        (cli_env("amqp://guest:guest@127.0.0.1:1/"), ("--follow",), 1),
+        (cli_env(topology_settings.amqp_url, "postgresql://postgres@127.0.0.1:1/nowhere"), (), 1),
     ]
-    results = await asyncio.gather(*(run_cli(e, *args) for e, args in unreachable))
-    for code, out, err in results:
-        assert code == 1
+    results = await asyncio.gather(*(run_cli(env, *args) for env, args, _ in runs))
+    for (_, args, expected), (code, out, err) in zip(runs, results, strict=True):
+        assert code == expected, (args, err)
         assert out == ""
-        assert len(err.strip().splitlines()) == 1
-        assert err.startswith("detfleet results: error:")
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("detfleet results: error:")
+    for code, _, err in results:
+        if code == 1:
+            assert len(err.strip().splitlines()) == 1
