@@ -110,5 +110,5 @@ async def test_an_mqtt_client_subscribed_to_failed_gets_only_the_failures_with_t
         client.disconnect()
         await broker.close()
     assert [m.topic for m in messages] == [f"failed/{e.site}/{e.camera_id}" for e in failed]
-    assert [ResultEvent.from_json(m.payload) for m in messages] == failed
+    assert [ResultEvent.from_json(bytes(m.payload)) for m in messages] == failed
     assert subscriber.received.empty()  # the ok and shed events went elsewhere
