@@ -31,6 +31,7 @@ from tests.integration.results_support import BOUND_S, collect, make_event, publ
 
 SUBSCRIBER = next(u for u in USERS if u.name == "detfleet-subscriber")
 PASSWORD = "mqtt-test-password"
+MOSQUITTO_SUB = "/usr/bin/mosquitto_sub"  # Debian's mosquitto-clients
 
 
 @pytest.fixture
@@ -87,10 +88,13 @@ async def test_an_mqtt_client_subscribed_to_failed_gets_only_the_failures_with_t
     client = mqtt_client(node, subscriber)
     client.loop_start()
     broker = await Broker.connect(node.amqp_url, "test:mqtt")
+    # The command docs/results.md gives, for one site: it exits after the two failures of line-1.
+    line_1 = await start_mosquitto_sub(node, "failed/line-1/+", count=2)
     try:
         client.subscribe("failed/+/+", qos=1)
         assert await asyncio.to_thread(subscriber.subscribed.wait, BOUND_S)
         assert subscriber.refused == []
+        await wait_for_suback(line_1)
         everything, catch_all = await collect(broker, EXCHANGE_RESULTS, ["#"])  # keeps every publish routable
         events = [
             make_event("ok", camera="cam-1"),
@@ -105,10 +109,35 @@ async def test_an_mqtt_client_subscribed_to_failed_gets_only_the_failures_with_t
         messages = [await asyncio.wait_for(subscriber.received.get(), BOUND_S) for _ in failed]
         await everything.wait_for(len(events))  # every event was published and routed
         await catch_all.close()
+        out, _ = await asyncio.wait_for(line_1.communicate(), BOUND_S)
     finally:
         client.loop_stop()
         client.disconnect()
         await broker.close()
+        if line_1.returncode is None:
+            line_1.kill()
+            await line_1.wait()
     assert [m.topic for m in messages] == [f"failed/{e.site}/{e.camera_id}" for e in failed]
     assert [ResultEvent.from_json(bytes(m.payload)) for m in messages] == failed
     assert subscriber.received.empty()  # the ok and shed events went elsewhere
+    assert line_1.returncode == 0
+    printed = [line.split(" ", 1) for line in out.decode().splitlines() if line.startswith("failed/")]
+    assert [(topic, ResultEvent.from_json(body.encode())) for topic, body in printed] == [
+        (f"failed/line-1/{e.camera_id}", e) for e in failed if e.site == "line-1"
+    ]
+
+
+async def start_mosquitto_sub(node: MqttRabbit, topic: str, count: int) -> asyncio.subprocess.Process:
+    """``mosquitto_sub -d``: its debug lines say when the subscription is acknowledged (line-buffered: into a
+    pipe they would wait in its stdio buffer)."""
+    return await asyncio.create_subprocess_exec(
+        "stdbuf", "-oL", MOSQUITTO_SUB, "-h", LOOPBACK, "-p", str(node.mqtt_port), "-u", SUBSCRIBER.name, "-P", PASSWORD,
+        "-i", "line-1-board", "-q", "1", "-t", topic, "-v", "-d", "-C", str(count),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def wait_for_suback(process: asyncio.subprocess.Process) -> None:
+    assert process.stdout is not None
+    while b"SUBACK" not in (line := await asyncio.wait_for(process.stdout.readline(), BOUND_S)):
+        assert line, "mosquitto_sub exited before subscribing"
