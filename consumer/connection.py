@@ -76,6 +76,9 @@ class Connection:
         redelivery would publish it a second time."""
         if self._publisher is not None and not self._publisher.is_closed:
             return self._publisher
+        if self._publisher is not None:  # its channel died (a refused publish): the connection may live on
+            await self._publisher.close()
+            self._publisher = None
         name = f"detfleet-consumer:{self._settings.consumer_id}:publish"
         try:
             self._publisher = await Broker.connect(self._settings.amqp_url, name, robust=False)

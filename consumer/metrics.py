@@ -30,6 +30,12 @@ class ConsumerMetrics:
         self.redeliveries = Counter(
             "detfleet_redeliveries_absorbed", "Deliveries of a task id that already had its row", registry=r
         )
+        self.result_events = Counter(
+            "detfleet_result_events",
+            "Result events published to detfleet.results, by whether the broker confirmed them",
+            ["result"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "detfleet_batch_size", "Images per inference batch", buckets=_BATCH_BUCKETS, registry=r
         )

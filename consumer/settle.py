@@ -15,10 +15,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from consumer.acker import Acker
 from consumer.detector.base import ModelInfo
@@ -27,10 +27,11 @@ from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import Action, Crashed, Ok, SinkUnavailable, Stored, decide
 from consumer.sink import ResultRow, SinkUnavailableError, WriteReport
 from shared.errors import BrokerError
+from shared.events import ResultEvent
 from shared.logs import task_context
 from shared.schema import H_ATTEMPT, Envelope, dead_letter_copy
 from shared.settings import ConsumerSettings
-from shared.topology import EXCHANGE_DLQ, Topology
+from shared.topology import EXCHANGE_DLQ, EXCHANGE_RESULTS, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ logger = logging.getLogger(__name__)
 class Publisher(Protocol):
     """The part of the broker seam settling needs (:class:`shared.broker.aio.Broker`, or a fake)."""
 
-    async def publish(self, envelope: Envelope, exchange: str, timeout: float | None = 10.0) -> None: ...
+    async def publish(
+        self, envelope: Envelope, exchange: str, timeout: float | None = 10.0, mandatory: bool = True
+    ) -> None: ...
 
 
 class ResultStore(Protocol):
@@ -58,9 +61,11 @@ PublisherSource = Callable[[], Awaitable[Publisher | None]]
 
 @dataclass(frozen=True)
 class Settled:
-    """What the caller must know of a settled batch: whether the sink was away (then it pauses)."""
+    """What the caller must know of a settled batch: whether the sink or the results exchange was away
+    (then it pauses until it is back)."""
 
     sink_down: bool = False
+    events_down: bool = False
 
 
 class Settler:
@@ -72,6 +77,7 @@ class Settler:
         self._sink = sink
         self._metrics = metrics
         self._topology = Topology.from_settings(settings)
+        self._in_commit_order = asyncio.Lock()
 
     async def guard(self, job: Job) -> None:
         """Before a redelivered job is decoded: mark it in progress, and fail it unrun when earlier starts
@@ -88,8 +94,8 @@ class Settler:
             job.outcome = Crashed(unfinished)
 
     async def settle(self, jobs: Sequence[Job], publishing: PublisherSource) -> Settled:
-        """Decide and carry out every job's fate; ``publishing`` gives the connection for copies (None
-        when the broker cannot be reached), asked only when some action needs a copy."""
+        """Decide and carry out every job's fate; ``publishing`` gives the connection for events and
+        copies (None when the broker cannot be reached), asked only when something is to be published."""
         try:
             stored = await self._stored(jobs)
         except SinkUnavailableError as error:
@@ -105,13 +111,23 @@ class Settler:
             )
             for j in jobs
         ]
-        if not await self._write(jobs, actions):
-            await self.requeue(jobs)
-            return Settled(sink_down=True)
-        needs_copy = any(a.dead_letter or a.retry for a in actions if not a.requeue)
-        publisher = await publishing() if needs_copy else None
+        async with self._in_commit_order:  # one replica's events leave in the order its rows committed
+            report = await self._write(jobs, actions)
+            if report is None:
+                await self.requeue(jobs)
+                return Settled(sink_down=True)
+            publisher = await publishing() if self._publishes(report, actions) else None
+            announced = await self._announce(report.committed, publisher)
+        # A row whose event was not confirmed keeps its message: the redelivery announces it again.
+        unannounced = [
+            a.status is not None and not a.requeue and j.task_id not in announced
+            for j, a in zip(jobs, actions, strict=True)
+        ]
         confirmed = await asyncio.gather(
-            *(self._publish(j, a, publisher) for j, a in zip(jobs, actions, strict=True))
+            *(
+                self._publish(j, a, publisher) if not missing else _false()
+                for j, a, missing in zip(jobs, actions, unannounced, strict=True)
+            )
         )
         await self._record_dead_lettered(
             [j.task_id for j, a, ok in zip(jobs, actions, confirmed, strict=True) if ok and a.dead_letter]
@@ -126,7 +142,37 @@ class Settler:
             else:
                 await job.acker.ack(job.delivery, flush=False)
         await _flush(job.acker for job in jobs)  # one ack frame per channel for the whole batch
-        return Settled(sink_down=any(a.requeue for a in actions))
+        return Settled(sink_down=any(a.requeue for a in actions), events_down=any(unannounced))
+
+    def _publishes(self, report: WriteReport, actions: Sequence[Action]) -> bool:
+        copies = any(a.dead_letter or a.retry for a in actions if not a.requeue)
+        return copies or (self._settings.result_events and bool(report.committed))
+
+    async def _announce(
+        self, committed: Mapping[uuid.UUID, Mapping[str, Any]], publisher: Publisher | None
+    ) -> set[uuid.UUID]:
+        """Publish one result event per committed row and wait for the confirms; returns the task ids
+        announced (all of them when events are off). The publishes leave on one channel in row order."""
+        if not self._settings.result_events:
+            return set(committed)
+        if publisher is None:
+            if committed:
+                logger.warning("No connection for %d result events; requeueing them", len(committed))
+            return set()
+        events = [ResultEvent.from_row(row) for row in committed.values()]
+        sent = await asyncio.gather(*(self._publish_event(e, publisher) for e in events))
+        return {e.task_id for e, ok in zip(events, sent, strict=True) if ok}
+
+    async def _publish_event(self, event: ResultEvent, publisher: Publisher) -> bool:
+        try:
+            await publisher.publish(event.to_envelope(), EXCHANGE_RESULTS, mandatory=False)
+        except BrokerError as error:
+            with task_context(str(event.task_id), event.trace_id):
+                logger.warning("Could not publish the result event, requeueing: %s", error)
+            self._metrics.result_events.labels("refused").inc()
+            return False
+        self._metrics.result_events.labels("confirmed").inc()
+        return True
 
     async def requeue(self, jobs: Iterable[Job], why: str | None = None) -> int:
         """Hand messages back to the broker unsettled (no attempt burned); returns how many."""
@@ -152,8 +198,8 @@ class Settler:
             return {}
         return await self._sink.stored([j.task_id for j in jobs])
 
-    async def _write(self, jobs: Sequence[Job], actions: Sequence[Action]) -> bool:
-        """Commit the rows and clear the in-progress marks; False when the sink did not take them."""
+    async def _write(self, jobs: Sequence[Job], actions: Sequence[Action]) -> WriteReport | None:
+        """Commit the rows and clear the in-progress marks; None when the sink did not take them."""
         now = datetime.now(UTC)
         rows = [
             build_row(j, a, self._model, self._settings.consumer_id, now)
@@ -163,14 +209,14 @@ class Settler:
         written = [replace(r, sink_ms=waited) for r in rows if r is not None]
         finished = [j.task_id for j, a in zip(jobs, actions, strict=True) if j.marked and not a.requeue]
         if not written and not finished:
-            return True
+            return WriteReport(0, 0, 0, 0.0)
         try:
             report = await self._sink.write(written, finished)
         except SinkUnavailableError as error:
             logger.warning("Sink unavailable: %s", error)
-            return False
+            return None
         self._observe(report, written)
-        return True
+        return report
 
     def _observe(self, report: WriteReport, rows: Sequence[ResultRow]) -> None:
         self._metrics.sink.observe(report.seconds)
@@ -220,6 +266,10 @@ class Settler:
             for task_id in task_ids:
                 with task_context(str(task_id), None):
                     logger.warning("Could not record the DLQ copy as confirmed: %s", error)
+
+
+async def _false() -> bool:
+    return False
 
 
 async def _flush(ledgers: Iterable[Acker]) -> None:

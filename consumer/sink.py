@@ -14,8 +14,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -119,12 +119,17 @@ _UNAVAILABLE = (
 )
 
 
+_KEPT = "SELECT * FROM detfleet_results WHERE task_id = ANY($1::uuid[])"
+
+
 @dataclass(frozen=True)
 class WriteReport:
     inserted: int
     replaced: int
     absorbed: int
     seconds: float
+    # Each written task's row as it stands after the commit (ours, or the one that stayed): its result event.
+    committed: dict[uuid.UUID, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _columns(rows: Sequence[ResultRow]) -> list[list[Any]]:
@@ -185,17 +190,22 @@ class Sink:
                 written = await conn.fetch(_UPSERT, *_columns(unique)) if unique else []
                 taken = {w["task_id"] for w in written}
                 kept = [r for r in unique if r.task_id not in taken]  # an ok row stays as it is
+                stayed: list[asyncpg.Record] = []
                 if kept:
                     await conn.execute(
                         _COUNT_REDELIVERIES, [r.task_id for r in kept], [r.redeliveries + 1 for r in kept]
                     )
+                    stayed = await conn.fetch(_KEPT, [r.task_id for r in kept])
                 if finished:
                     await conn.execute(_FINISHED, list(finished))
         except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
             raise SinkUnavailableError(f"writing {len(rows)} rows failed: {error!r}") from error
         replaced = sum(1 for w in written if w["replaced"])
         absorbed = len(rows) - len(written) + replaced
-        return WriteReport(len(written) - replaced, replaced, absorbed, time.perf_counter() - started)
+        committed: dict[uuid.UUID, Mapping[str, Any]] = {r.task_id: row_mapping(r) for r in unique}
+        committed.update((r["task_id"], dict(r)) for r in stayed)
+        elapsed = time.perf_counter() - started
+        return WriteReport(len(written) - replaced, replaced, absorbed, elapsed, committed)
 
     async def record_dead_lettered(self, task_ids: Sequence[uuid.UUID]) -> None:
         """Note on each failed row that its DLQ copy was confirmed."""
@@ -213,6 +223,11 @@ class Sink:
             args.append(list(task_ids))
         records = await self._pool.fetch(query, *args)
         return [dict(r) for r in records]
+
+
+def row_mapping(row: ResultRow) -> dict[str, Any]:
+    """A row as the column mapping a ``detfleet_results`` record gives."""
+    return {column: getattr(row, column) for column in COLUMNS}
 
 
 def _one_per_task(rows: Sequence[ResultRow]) -> list[ResultRow]:

@@ -9,17 +9,19 @@ parts never call back into the worker except through the callbacks it hands them
 - :class:`~consumer.pipeline.Pipeline`: decode, infer, bisect, out-of-memory splits;
 - :class:`~consumer.settle.Settler`: the crash-loop guard, the decision, rows, copies, acks and requeues.
 
-The worker only orders them: it starts and stops them, pauses for a sink outage, hands back what waited
-too long, exits when idle, and drains on a stop.
+The worker only orders them: it starts and stops them, pauses for a sink or results-exchange outage, hands
+back what waited too long, exits when idle, and drains on a stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from consumer.batcher import Batcher, BatchLimit
 from consumer.connection import Connection
@@ -31,11 +33,14 @@ from consumer.pipeline import Pipeline
 from consumer.settle import Settler
 from consumer.sink import Sink, SinkUnavailableError
 from shared.backoff import Stopped, until_it_works
+from shared.errors import BrokerUnavailableError
 from shared.settings import ConsumerSettings
+from shared.topology import EXCHANGE_RESULTS
 
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 0.5
+PAUSE_AT_LEAST_S = 1.0
 
 
 class Worker:
@@ -171,6 +176,8 @@ class Worker:
             settled = await settler.settle(batch, self.connection.publisher)
             if settled.sink_down:
                 await self._pause_for_sink(settler)
+            elif settled.events_down:
+                await self._pause_for_events(settler)
             self.health.progressed()
         except Exception:
             logger.exception("Batch of %d failed unexpectedly; requeueing it", len(batch))
@@ -180,32 +187,55 @@ class Worker:
                 self._slots.release()
             self.metrics.in_flight.set(self.held())
 
-    # ---- sink outage, hold limit, idle exit, drain ------------------------------------------------------
+    # ---- sink and results outages, hold limit, idle exit, drain -------------------------------------------
 
     async def _pause_for_sink(self, settler: Settler) -> None:
         """Stop taking work until Postgres answers again; what waits is requeued (no attempt burned)."""
+        if await self._pause(settler):
+            self.health.database_ok = False
+            self._start_chore(self._resume_when(self._ping_sink, "Postgres"))
+
+    async def _pause_for_events(self, settler: Settler) -> None:
+        """Stop taking work until the results exchange takes events again: nothing may be acked before its
+        row's event is confirmed, so working on would only requeue."""
+        if await self._pause(settler):
+            self._start_chore(self._resume_when(self._ping_results, f"the {EXCHANGE_RESULTS} exchange"))
+
+    async def _pause(self, settler: Settler) -> bool:
+        """Pause and requeue what waits; False when already paused (another outage's chore resumes)."""
         if self.connection.paused:
-            return
-        self.health.database_ok = False
+            return False
         await self.connection.pause()
         await settler.requeue(self.batcher.take_all())
-        chore = asyncio.create_task(self._resume_when_sink_answers())
+        return True
+
+    def _start_chore(self, work: Coroutine[Any, Any, None]) -> None:
+        chore = asyncio.create_task(work)
         self._chores.add(chore)
         chore.add_done_callback(self._chores.discard)
 
-    async def _resume_when_sink_answers(self) -> None:
+    async def _resume_when(self, probe: Callable[[], Awaitable[None]], what: str) -> None:
+        # A first wait even when the probe would pass at once: a service that answers probes but refuses the
+        # work (a permission taken away) must not turn into a requeue loop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), PAUSE_AT_LEAST_S)
         try:
-            await until_it_works(self._ping_sink, "waiting for Postgres", self._stop, 1.0, 5.0)
+            await until_it_works(probe, f"waiting for {what}", self._stop, 1.0, 5.0)
         except Stopped:
             return
-        logger.info("Postgres answers again; resuming")
-        self.health.database_ok = True
+        logger.info("Resuming: %s answers again", what)
         await self.connection.resume()
 
     async def _ping_sink(self) -> None:
         assert self._sink is not None
         if not await self._sink.ping():
             raise SinkUnavailableError("Postgres does not answer")
+        self.health.database_ok = True
+
+    async def _ping_results(self) -> None:
+        publisher = await self.connection.publisher()
+        if publisher is None or not await publisher.exchange_exists(EXCHANGE_RESULTS):
+            raise BrokerUnavailableError(f"the {EXCHANGE_RESULTS} exchange does not take events")
 
     async def _housekeeping(self, settler: Settler) -> None:
         while not self._stop.is_set():

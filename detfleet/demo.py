@@ -33,9 +33,11 @@ from detfleet import accuracy, synth
 from producer.publisher import AsyncPublisher
 from producer.sources import SourceFrame, open_source
 from shared import admin, db
+from shared.broker.aio import Broker
+from shared.events import ResultEvent
 from shared.management import Management
 from shared.settings import AdminSettings, Lane, ProducerSettings, load_settings
-from shared.topology import vhost_of
+from shared.topology import EXCHANGE_RESULTS, vhost_of
 
 DEMO_VHOST = "detfleet-demo"
 DEMO_DATABASE = "detfleet_demo"
@@ -47,6 +49,7 @@ REPLICAS = 2
 WAIT_LIMIT_S = 150  # a bound against a hang, far above the expected run time
 READY_LIMIT_S = 60
 HEALTH_PORTS = (18081, 18082)
+EVENTS_QUEUE = "detfleet-demo.events"  # the demo's own subscriber queue, in the demo's vhost
 console = Console()
 
 
@@ -201,7 +204,30 @@ def as_box(found: dict[str, Any]) -> synth.Box:
     return synth.Box(found["class_id"], x1, y1, x2, y2, score=found["score"])
 
 
-def summary(rows: list[dict[str, Any]], sent: dict[str, Sent], seconds: float) -> Table:
+async def watch_events(settings: AdminSettings) -> None:
+    """A queue of the demo's own on detfleet.results, as a line controller would bind (docs/results.md)."""
+    broker = await Broker.connect(settings.amqp_url, "detfleet-demo", robust=False)
+    try:
+        await broker.bind(EXCHANGE_RESULTS, ["#"], EVENTS_QUEUE)
+    finally:
+        await broker.close()
+
+
+async def read_events(settings: AdminSettings) -> Counter[str]:
+    """The result events that reached the demo's queue, counted by routing key."""
+    broker = await Broker.connect(settings.amqp_url, "detfleet-demo", robust=False)
+    keys: Counter[str] = Counter()
+    try:
+        async with broker.reading(EVENTS_QUEUE) as reader:
+            while (delivery := await reader.get(timeout=2)) is not None:
+                keys[ResultEvent.from_json(delivery.envelope.body).routing_key] += 1
+                await delivery.ack()
+    finally:
+        await broker.close()
+    return keys
+
+
+def summary(rows: list[dict[str, Any]], sent: dict[str, Sent], seconds: float, events: Counter[str]) -> Table:
     statuses = Counter(r["status"] for r in rows)
     latencies = [r["end_to_end_ms"] for r in rows if r["end_to_end_ms"] is not None]
     labels = Counter(d["label"] for r in rows for d in detections(r))
@@ -225,6 +251,8 @@ def summary(rows: list[dict[str, Any]], sent: dict[str, Sent], seconds: float) -
         *((f"detections: {label}", count) for label, count in sorted(labels.items())),
         ("precision / recall at IoU 0.5", f"{scores.precision:.3f} / {scores.recall:.3f}"),
         ("replicas", ", ".join(sorted({r["consumer_id"] for r in rows}))),
+        ("result events received", events.total()),
+        *((f"  events {key}", count) for key, count in sorted(events.items())),
     ):
         table.add_row(name, str(value))
     return table
@@ -269,6 +297,7 @@ def main() -> int:
         f"frames in {(OUT / 'assets').resolve()}"
     )
     started = time.monotonic()
+    asyncio.run(watch_events(settings))
     replicas = start_replicas(settings)
     try:
         wait_until_ready(replicas)
@@ -283,7 +312,8 @@ def main() -> int:
     seconds = (
         max(r["completed_at"] for r in rows).timestamp() - min(r["received_at"] for r in rows).timestamp()
     )
-    console.print(summary(rows, sent, max(seconds, 1e-3)))
+    events = asyncio.run(read_events(settings))
+    console.print(summary(rows, sent, max(seconds, 1e-3), events))
     console.print(f"annotated images: {annotate(rows, sent, OUT / 'annotated').resolve()}")
     console.print(
         f"replicas stopped gracefully once idle: exit codes {codes}; wall {time.monotonic() - started:.0f} s"

@@ -214,6 +214,9 @@ class ConsumerSettings(TopologySettings):
         60.0, gt=0, description="/livez fails when work is held but no batch ends for this"
     )
     exit_when_idle_s: float | None = Field(None, gt=0, description="Exit 0 after this long with no work")
+    result_events: bool = Field(
+        True, description="Publish one event per committed row to detfleet.results (docs/results.md)"
+    )
 
     @property
     def bulk_prefetch(self) -> int:

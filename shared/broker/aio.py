@@ -202,11 +202,16 @@ class Broker:
             finally:
                 await channel.close()
 
-    async def publish(self, envelope: Envelope, exchange: str, timeout: float | None = 10.0) -> None:
-        """Publish and wait for the broker's confirm; returns and nacks raise our errors."""
+    async def publish(
+        self, envelope: Envelope, exchange: str, timeout: float | None = 10.0, mandatory: bool = True
+    ) -> None:
+        """Publish and wait for the broker's confirm; nacks raise our errors, and so do returns unless
+        ``mandatory`` is off (an event that no subscriber's queue is bound for is fine)."""
         with translated_errors(f"publish {envelope.message_id} to {exchange or '(default)'}"):
             target = await self._exchange(exchange)
-            await target.publish(to_message(envelope), envelope.routing_key, mandatory=True, timeout=timeout)
+            await target.publish(
+                to_message(envelope), envelope.routing_key, mandatory=mandatory, timeout=timeout
+            )
 
     async def _exchange(self, name: str) -> AbstractExchange:
         if name not in self._exchanges:
@@ -248,18 +253,23 @@ class Broker:
         with translated_errors(f"subscribe to {exchange}"):
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
-            if queue is None:
-                source = await channel.declare_queue(exclusive=True, auto_delete=True)
-            else:
-                source = await channel.declare_queue(queue, durable=True)
-            for key in keys:
-                await source.bind(exchange, key)
+            source = await _bound_queue(channel, exchange, keys, queue)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await handler(Delivery(to_envelope(message), source.name, message.delivery_tag or 0, message))
 
             tag = await source.consume(on_message)
         return Subscription(channel, source, tag)
+
+    async def bind(self, exchange: str, keys: Sequence[str], queue: str) -> None:
+        """Declare the durable ``queue`` if missing and bind it to ``exchange`` with each of ``keys``: it
+        keeps what arrives until somebody reads it (:meth:`reading`)."""
+        with translated_errors(f"bind {queue} to {exchange}"):
+            channel = await self._connection.channel()
+            try:
+                await _bound_queue(channel, exchange, keys, queue)
+            finally:
+                await channel.close()
 
     async def exchange_exists(self, name: str) -> bool:
         """True when ``exchange`` is declared (a passive declare on a channel of its own)."""
@@ -322,6 +332,18 @@ class Broker:
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
+
+
+async def _bound_queue(
+    channel: AbstractChannel, exchange: str, keys: Sequence[str], queue: str | None
+) -> AbstractQueue:
+    if queue is None:
+        source = await channel.declare_queue(exclusive=True, auto_delete=True)
+    else:
+        source = await channel.declare_queue(queue, durable=True)
+    for key in keys:
+        await source.bind(exchange, key)
+    return source
 
 
 class QueueReader:

@@ -88,6 +88,9 @@ class Account:
     duplicate_dlq_entries: int
     unexplained_duplicates: list[uuid.UUID]  # a second DLQ entry outside the windows the docs name
     redeliveries_absorbed: int
+    events: int = 0  # result events read back from a queue bound to detfleet.results
+    rows_without_event: list[uuid.UUID] = field(default_factory=list)
+    repeated_events: int = 0  # a second event of a task: allowed (at least once), counted
 
     @property
     def passed(self) -> bool:
@@ -99,6 +102,7 @@ class Account:
             or self.bad_frames_not_failed
             or self.dlq_without_reason
             or self.unexplained_duplicates
+            or self.rows_without_event
         )
 
     def problems(self) -> list[str]:
@@ -110,11 +114,19 @@ class Account:
             "undecodable frames not failed": len(self.bad_frames_not_failed),
             "DLQ entries without x-detfleet-reason": self.dlq_without_reason,
             "second DLQ entries outside the documented windows": len(self.unexplained_duplicates),
+            "rows without a result event": len(self.rows_without_event),
         }
         return [f"{name}: {count}" for name, count in found.items() if count]
 
 
-def account(ledger: Ledger, rows: list[Row], dlq: list[DlqEntry], unsure: Unsure | None = None) -> Account:
+def account(
+    ledger: Ledger,
+    rows: list[Row],
+    dlq: list[DlqEntry],
+    unsure: Unsure | None = None,
+    events: list[uuid.UUID] | None = None,
+) -> Account:
+    """The verdict on a run; ``events`` (task ids of the result events read back) None: not checked."""
     by_id = {r.task_id: r for r in rows}
     in_dlq = Counter(e.task_id for e in dlq if e.task_id is not None)
     entries_of: dict[uuid.UUID, list[DlqEntry]] = {}
@@ -143,4 +155,7 @@ def account(ledger: Ledger, rows: list[Row], dlq: list[DlqEntry], unsure: Unsure
             t for t, entries in entries_of.items() if len(entries) > 1 and not unsure.excuses(entries)
         ),
         redeliveries_absorbed=sum(r.redeliveries for r in rows),
+        events=len(events or ()),
+        rows_without_event=sorted(set(by_id) - set(events)) if events is not None else [],
+        repeated_events=len(events or ()) - len(set(events or ())),
     )

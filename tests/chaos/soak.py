@@ -45,9 +45,11 @@ from producer.publisher import AsyncPublisher
 from shared import admin, db
 from shared.broker.aio import Broker
 from shared.errors import BrokerError, DetfleetError
+from shared.events import ResultEvent
 from shared.schema import H_FAILED_AT, H_REASON, deterministic_task_id, parse_time
 from shared.settings import AdminSettings, Lane, ProducerSettings, shipped_model_path
 from shared.topology import (
+    EXCHANGE_RESULTS,
     QUEUE_BULK,
     QUEUE_DLQ,
     QUEUE_INTAKE,
@@ -64,6 +66,7 @@ from tests.support.proxy import TcpProxy
 logger = logging.getLogger("detfleet.soak")
 console = Console(stderr=True)
 
+EVENTS_QUEUE = "soak.result-events"  # the soak's own subscriber, on its private node
 CHAOS_KINDS = (
     "kill_replica",
     "cut_broker_link",
@@ -290,6 +293,7 @@ class Soak:
     async def run(self) -> SoakReport:
         started = time.monotonic()
         await admin.apply_topology(self.admin_settings)
+        await self._watch_events()
         await db.migrate(self.servers.postgres.url)
         model = self._model()
         await self._start_fleet(model)
@@ -303,7 +307,8 @@ class Soak:
             await monitor
             stop_codes = await self._stop_fleet()
         unsure = Unsure(frozenset().union(*(r.unsure_copies() for r in self.replicas)), tuple(self.kills))
-        account_ = account(self.ledger, await self._rows(), await self._dlq(), unsure)
+        events = await self._events()
+        account_ = account(self.ledger, await self._rows(), await self._dlq(), unsure, events)
         return SoakReport(
             config=self.config,
             account=account_,
@@ -545,6 +550,27 @@ class Soak:
             await conn.close()
         return [Row(r["task_id"], r["status"], r["lane"], r["redeliveries"]) for r in records]
 
+    async def _watch_events(self) -> None:
+        """A durable queue of the soak's own keeps every result event the fleet publishes (they are
+        persistent), through broker restarts, until the accounting reads them back."""
+        broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-events", robust=False)
+        try:
+            await broker.bind(EXCHANGE_RESULTS, ["#"], EVENTS_QUEUE)
+        finally:
+            await broker.close()
+
+    async def _events(self) -> list[uuid.UUID]:
+        broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-events", robust=False)
+        task_ids = []
+        try:
+            async with broker.reading(EVENTS_QUEUE) as reader:
+                while (delivery := await reader.get(timeout=5)) is not None:
+                    task_ids.append(ResultEvent.from_json(delivery.envelope.body).task_id)
+                    await delivery.ack()
+        finally:
+            await broker.close()
+        return task_ids
+
     async def _dlq(self) -> list[DlqEntry]:
         broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-dlq", robust=False)
         entries = []
@@ -602,6 +628,9 @@ def report_table(report: SoakReport) -> Table:
         ("duplicate DLQ entries", acc.duplicate_dlq_entries),
         ("  outside the documented windows", len(acc.unexplained_duplicates)),
         ("redeliveries absorbed", acc.redeliveries_absorbed),
+        ("result events", acc.events),
+        ("rows without a result event", len(acc.rows_without_event)),
+        ("  repeated events (at least once)", acc.repeated_events),
         *((f"chaos: {kind}", report.chaos[kind]) for kind in CHAOS_KINDS),
         ("kills and cuts that hit held batches", report.aimed),
         ("consumer crashes", len(report.crashes)),

@@ -2,7 +2,8 @@
 
 It starts a private RabbitMQ node and a private Postgres of its own (the shared servers are never touched)
 and holds the fleet to its promise: every task the broker confirmed ends with exactly one row, ``ok``,
-``failed`` with its DLQ entry, or ``shed`` on the realtime lane. ``make soak`` runs the long version.
+``failed`` with its DLQ entry, or ``shed`` on the realtime lane, and every row its result event (at least
+once). ``make soak`` runs the long version.
 """
 
 from __future__ import annotations
@@ -30,3 +31,4 @@ async def test_every_confirmed_task_ends_with_one_row_whatever_fails() -> None:
     assert all(report.chaos[kind] >= 1 for kind in CHAOS_KINDS), report.chaos
     assert report.aimed >= 1, "no kill or cut landed while a replica held deliveries"
     assert report.account.unexplained_duplicates == []
+    assert report.account.rows_without_event == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 from consumer.acker import Acker
 from consumer.jobs import Job, admit
 from consumer.outcomes import Stored
-from consumer.sink import ResultRow, SinkUnavailableError, WriteReport
+from consumer.sink import ResultRow, SinkUnavailableError, WriteReport, row_mapping
 from shared.broker.aio import Delivery
 from shared.errors import PublishNackedError
 from shared.schema import Envelope, Task
@@ -75,7 +75,9 @@ class FakePublisher:
         """As the connection hands out its publishing channel to settling."""
         return self
 
-    async def publish(self, envelope: Envelope, exchange: str, timeout: float | None = 10.0) -> None:
+    async def publish(
+        self, envelope: Envelope, exchange: str, timeout: float | None = 10.0, mandatory: bool = True
+    ) -> None:
         if exchange in self.refuse:
             raise PublishNackedError(f"publish to {exchange}: the broker refused it")
         self.published.append((exchange, envelope))
@@ -122,7 +124,10 @@ class FakeStore:
                 )
         for task_id in finished:
             self.starts.pop(task_id, None)
-        return WriteReport(len(rows) - absorbed, 0, absorbed, 0.0)
+        committed: dict[uuid.UUID, Mapping[str, Any]] = {
+            r.task_id: row_mapping(self.rows[r.task_id]) for r in rows
+        }
+        return WriteReport(len(rows) - absorbed, 0, absorbed, 0.0, committed)
 
     async def record_dead_lettered(self, task_ids: Sequence[uuid.UUID]) -> None:
         self._check()

@@ -26,9 +26,10 @@ from consumer.outcomes import (
     decide,
 )
 from consumer.settle import Settler
+from shared.events import ResultEvent
 from shared.schema import H_REASON
 from shared.settings import ConsumerSettings
-from shared.topology import EXCHANGE_DLQ, QUEUE_REALTIME
+from shared.topology import EXCHANGE_DLQ, EXCHANGE_RESULTS, QUEUE_REALTIME
 from tests.support.fakes import FakeChannel, FakePublisher, FakeStore, task_envelope
 
 OK = Ok((), 640, 480)
@@ -56,7 +57,7 @@ async def test_an_ok_batch_writes_its_rows_and_acks_with_one_frame_without_readi
     assert store.lookups == 0
     assert {store.rows[j.task_id].status for j in batch} == {"ok"}
     assert channel.sent == [("ack", 5, True)]
-    assert publisher.published == []
+    assert publisher.to(EXCHANGE_DLQ) == []
 
 
 async def test_acks_go_out_once_per_channel() -> None:
@@ -259,3 +260,75 @@ def test_a_message_with_no_usable_id_keeps_one_id_through_every_delivery() -> No
     }
     assert len(ids) == 1
     assert ids != {uuid.UUID(int=0)}
+
+
+# ---- result events -------------------------------------------------------------------------------------
+
+
+async def test_each_committed_row_is_announced_in_order_before_the_acks() -> None:
+    store, channel, publisher = FakeStore(), FakeChannel(), FakePublisher()
+    batch = [job_with(channel, OK), job_with(channel, BadInput("corrupt")), job_with(channel, OK)]
+
+    await settler(store).settle(batch, publisher)
+
+    events = [ResultEvent.from_json(e.body) for e in publisher.to(EXCHANGE_RESULTS)]
+    assert [e.task_id for e in events] == [j.task_id for j in batch]
+    assert [e.status for e in events] == ["ok", "failed", "ok"]
+    assert events[1].reason == "corrupt"
+    assert publisher.to(EXCHANGE_RESULTS)[1].routing_key.startswith("failed.")
+    assert channel.acked() == {1, 2, 3}
+
+
+async def test_a_retry_writes_no_row_and_so_announces_nothing() -> None:
+    publisher = FakePublisher()
+    await settler(FakeStore()).settle([job_with(FakeChannel(), Transient("boom"))], publisher)
+    assert publisher.to(EXCHANGE_RESULTS) == []
+
+
+async def test_a_refused_event_keeps_every_message_and_asks_for_a_pause() -> None:
+    store, channel = FakeStore(), FakeChannel()
+    batch = [job_with(channel, OK), job_with(channel, BadInput("corrupt"))]
+    publisher = FakePublisher(refuse=[EXCHANGE_RESULTS])
+
+    result = await settler(store).settle(batch, publisher)
+
+    assert result.events_down
+    assert channel.requeued() == {1, 2}
+    assert channel.acked() == set()
+    assert {store.rows[j.task_id].status for j in batch} == {"ok", "failed"}  # the rows stay committed
+    assert publisher.to(EXCHANGE_DLQ) == []  # its redelivery publishes the copy with the event
+
+
+async def test_without_a_publishing_connection_nothing_is_acked() -> None:
+    channel = FakeChannel()
+
+    async def unreachable() -> None:
+        return None
+
+    result = await settler(FakeStore()).settle([job_with(channel, OK)], unreachable)
+
+    assert result.events_down
+    assert channel.requeued() == {1}
+
+
+async def test_a_redelivery_whose_row_exists_announces_the_stored_row_again() -> None:
+    store, publisher = FakeStore(), FakePublisher()
+    found = Ok((), 640, 480)
+    first = job_with(FakeChannel(), found)
+    await settler(store).settle([first], FakePublisher(refuse=[EXCHANGE_RESULTS]))  # committed, not announced
+
+    channel = FakeChannel()
+    again = channel.deliver(dataclasses.replace(first.delivery.envelope, redelivered=True))
+    again.outcome = BadInput("decoded differently this time")
+    await settler(store).settle([again], publisher)
+
+    [event] = [ResultEvent.from_json(e.body) for e in publisher.to(EXCHANGE_RESULTS)]
+    assert (event.task_id, event.status, event.reason) == (first.task_id, "ok", None)
+    assert channel.acked() == {1}
+
+
+async def test_events_can_be_turned_off() -> None:
+    channel, publisher = FakeChannel(), FakePublisher()
+    await settler(FakeStore(), result_events=False).settle([job_with(channel, OK)], publisher)
+    assert publisher.published == []
+    assert channel.acked() == {1}
