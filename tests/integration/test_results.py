@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from consumer.detector.fake import FakeDetector
 from detfleet import cli
 from detfleet.results import RowFilters, read_rows
 from shared.broker.aio import Broker
 from shared.events import ResultEvent
 from shared.settings import AdminSettings
 from shared.topology import EXCHANGE_RESULTS
+from tests.integration.consumer_support import consumer_settings, jpeg, make_task, publish, run_until_idle
 from tests.integration.results_support import (
     BOUND_S,
     cli_env,
@@ -202,3 +204,41 @@ async def test_the_exit_codes_are_those_of_the_real_command(topology_settings: A
     for code, _, err in results:
         if code == 1:
             assert len(err.strip().splitlines()) == 1
+
+
+async def test_follow_prints_the_events_of_frames_a_real_consumer_settles_as_their_rows_commit(
+    broker: Broker, topology_settings: AdminSettings, results_db: str
+) -> None:
+    """End to end: frames through an in-process consumer; ``--follow`` prints each committed row's event,
+    and ``detfleet results --json`` reads the same events back from the rows."""
+    good = [make_task(camera=f"cam-{i % 2}") for i in range(6)]
+    bad = [make_task(camera="cam-9") for _ in range(2)]
+    env = cli_env(topology_settings.amqp_url, results_db)
+    process = await start_cli(env, "--follow", "--json")
+    try:
+        await wait_until_subscribed(process)
+        for n, task in enumerate(good):
+            await publish(broker, task, jpeg(n))
+        for task in bad:
+            await publish(broker, task, b"this is not an image")
+        await run_until_idle(consumer_settings(topology_settings, results_db), FakeDetector())
+        wanted = {t.task_id for t in good + bad}
+        printed: dict[uuid.UUID, ResultEvent] = {}
+        assert process.stdout is not None
+        while set(printed) != wanted:  # at least once: a repeat of a task is absorbed by its id
+            event = ResultEvent.from_json(await asyncio.wait_for(process.stdout.readline(), BOUND_S))
+            printed[event.task_id] = event
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.communicate(), BOUND_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    assert {e.task_id for e in printed.values() if e.status == "ok"} == {t.task_id for t in good}
+    assert {e.task_id for e in printed.values() if e.status == "failed"} == {t.task_id for t in bad}
+    assert all(printed[t.task_id].camera_id == t.camera_id for t in good + bad)
+    code, out, err = await run_cli(env, "--json", "--limit", "100")
+    assert (code, err) == (0, "")
+    stored = {e.task_id: e for e in map(ResultEvent.from_json, out.encode().splitlines())}
+    assert stored == printed  # the live event is the committed row
