@@ -131,7 +131,8 @@ async def start_mosquitto_sub(node: MqttRabbit, topic: str, count: int) -> async
     """``mosquitto_sub -d``: its debug lines say when the subscription is acknowledged (line-buffered: into a
     pipe they would wait in its stdio buffer)."""
     return await asyncio.create_subprocess_exec(
-        "stdbuf", "-oL", MOSQUITTO_SUB, "-h", LOOPBACK, "-p", str(node.mqtt_port), "-u", SUBSCRIBER.name, "-P", PASSWORD,
+        "stdbuf", "-oL", MOSQUITTO_SUB,
+        "-h", LOOPBACK, "-p", str(node.mqtt_port), "-u", SUBSCRIBER.name, "-P", PASSWORD,
         "-i", "line-1-board", "-q", "1", "-t", topic, "-v", "-d", "-C", str(count),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
