@@ -303,11 +303,11 @@ def _http_url(text: str) -> str:
     return text
 
 
-def _add_filters(parser: argparse.ArgumentParser) -> None:
+def _add_filters(parser: argparse.ArgumentParser, json_help: str) -> None:
     parser.add_argument("--camera", type=_name("camera"), metavar="C")
     parser.add_argument("--site", type=_name("site"), metavar="S")
     parser.add_argument("--status", choices=STATUSES)
-    parser.add_argument("--json", action="store_true", help="JSON lines in the result event schema")
+    parser.add_argument("--json", action="store_true", help=json_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Result rows from Postgres, or live result events with --follow (docs/results.md). "
         "'detfleet results forward --help': the webhook forwarder.",
     )
-    _add_filters(parser)
+    _add_filters(parser, "JSON lines in the result event schema (docs/results.md)")
     parser.add_argument("--since", type=_duration, metavar="D", help="completed within, e.g. 30m, 2h, 7d")
     parser.add_argument(
         "--limit",
@@ -341,7 +341,7 @@ def build_forward_parser() -> argparse.ArgumentParser:
         default=DEFAULT_WEBHOOK_NAME,
         help=f"names the durable queue detfleet.results.webhook.NAME (default {DEFAULT_WEBHOOK_NAME})",
     )
-    _add_filters(parser)
+    _add_filters(parser, "the final summary as one JSON object")
     parser.add_argument(
         "--secret-env",
         metavar="VAR",

@@ -6,8 +6,9 @@
   sha256=<hex>``, the HMAC-SHA256 under the shared secret of ``<timestamp>.<body>`` (as Stripe signs its
   webhooks): the receiver recomputes it, compares in constant time and refuses old timestamps (replays).
 - **Retries.** Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and
-  jitter (tenacity); after ``DETFLEET_WEBHOOK_MAX_ATTEMPTS`` POSTs, or at once for any other 4xx, the event
-  is published to the parking lot ``<queue>.parked`` with ``x-detfleet-reason`` and then acked.
+  jitter (tenacity), or after the endpoint's ``Retry-After`` seconds when it sends them; after
+  ``DETFLEET_WEBHOOK_MAX_ATTEMPTS`` POSTs, or at once for any other 4xx, the event is published to the
+  parking lot ``<queue>.parked`` with ``x-detfleet-reason`` and then acked.
 - **Order.** Events of one camera are POSTed one at a time, in the order the queue holds them; cameras go
   side by side, up to ``DETFLEET_WEBHOOK_PREFETCH`` events held at once. An event is acked only once its
   POST succeeded or it was parked, so a stop or crash hands the rest back to the broker (at least once).
@@ -36,6 +37,7 @@ from tenacity import (
     wait_random,
 )
 from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 from shared.broker.aio import Broker, Delivery, Subscription
 from shared.errors import BrokerUnavailableError, DetfleetError, TaskValidationError
@@ -167,7 +169,35 @@ class _StopWhenSet(stop_base):
 
 
 class RetryableFailure(Exception):
-    """A POST that may work if tried again: no connection, a timeout, 408, 429 or 5xx."""
+    """A POST that may work if tried again: no connection, a timeout, 408, 429 or 5xx. ``retry_after``:
+    the seconds the endpoint asked us to wait (its ``Retry-After`` header), if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` in seconds; the HTTP-date form and nonsense are ignored (our backoff applies)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+
+
+class WaitRespectingRetryAfter(wait_base):
+    """The endpoint's ``Retry-After`` when it gave one (at most ``cap_s``), else ``fallback``."""
+
+    def __init__(self, fallback: wait_base, cap_s: float) -> None:
+        self._fallback = fallback
+        self._cap_s = cap_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, RetryableFailure) and error.retry_after is not None:
+            return min(error.retry_after, self._cap_s)
+        return float(self._fallback(retry_state))
 
 
 class Refused(Exception):
@@ -279,8 +309,11 @@ class Forwarder:
         s = self._settings
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableFailure),
-            wait=wait_exponential(multiplier=s.webhook_backoff_s, max=s.webhook_max_backoff_s)
-            + wait_random(0, s.webhook_backoff_s),
+            wait=WaitRespectingRetryAfter(
+                wait_exponential(multiplier=s.webhook_backoff_s, max=s.webhook_max_backoff_s)
+                + wait_random(0, s.webhook_backoff_s),
+                cap_s=s.webhook_max_backoff_s,
+            ),
             stop=stop_after_attempt(s.webhook_max_attempts) | _StopWhenSet(self._stopping),
             sleep=sleep,
             before_sleep=log,
@@ -313,7 +346,9 @@ class Forwarder:
         if response.status < 300:
             return
         if response.status >= 500 or response.status in RETRYABLE_STATUSES:
-            raise RetryableFailure(_describe(response, text))
+            raise RetryableFailure(
+                _describe(response, text), retry_after_s(response.headers.get("Retry-After"))
+            )
         raise Refused(_describe(response, text))
 
     async def _park(self, delivery: Delivery, reason: str, attempts: int) -> None:

@@ -6,7 +6,19 @@ import asyncio
 import re
 from collections import defaultdict
 
-from detfleet.webhook import H_SIGNATURE, H_TIMESTAMP, KeyedLanes, signature, signed_headers, verify
+from tenacity import AsyncRetrying, RetryCallState, wait_fixed
+
+from detfleet.webhook import (
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    KeyedLanes,
+    RetryableFailure,
+    WaitRespectingRetryAfter,
+    retry_after_s,
+    signature,
+    signed_headers,
+    verify,
+)
 from shared.topology import USERS, parked_queue, webhook_queue
 
 SECRET = b"whsec"
@@ -126,3 +138,26 @@ def test_forwarder_names_and_the_subscriber_role() -> None:
         assert not re.fullmatch(subscriber.configure, refused)
     for refused in ("detfleet.frames", "detfleet.dlq", "detfleet.bulk", "detfleet.resultsx"):
         assert not re.fullmatch(subscriber.read, refused)
+
+
+def test_retry_after_is_read_in_seconds_and_anything_else_is_ignored() -> None:
+    assert retry_after_s("3") == 3.0
+    assert retry_after_s("0.5") == 0.5
+    assert retry_after_s(None) is None
+    assert retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT") is None  # the date form: our backoff applies
+    assert retry_after_s("-1") is None
+    assert retry_after_s("inf") is None
+
+
+def test_the_wait_follows_retry_after_up_to_the_cap_else_the_backoff() -> None:
+    wait = WaitRespectingRetryAfter(wait_fixed(0.25), cap_s=30)
+
+    def after(error: BaseException) -> RetryCallState:
+        state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
+        state.set_exception((type(error), error, None))
+        return state
+
+    assert wait(after(RetryableFailure("HTTP 503", retry_after=7))) == 7
+    assert wait(after(RetryableFailure("HTTP 429", retry_after=3600))) == 30
+    assert wait(after(RetryableFailure("HTTP 502"))) == 0.25
+    assert wait(after(RetryableFailure("no answer in 10 s"))) == 0.25
