@@ -200,6 +200,11 @@ class WaitRespectingRetryAfter(wait_base):
         return float(self._fallback(retry_state))
 
 
+@dataclass
+class PostCount:
+    value: int = 0
+
+
 class Refused(Exception):
     """The endpoint refused the event for good (a 4xx other than 408 and 429): park it at once."""
 
@@ -278,22 +283,22 @@ class Forwarder:
     async def _deliver(self, delivery: Delivery) -> None:
         body = delivery.envelope.body
         event_id = delivery.envelope.message_id or ""
+        posts = PostCount()
         try:
-            attempts = await self._post_until_it_works(body, event_id)
+            await self._post_until_it_works(body, event_id, posts)
         except Refused as why:
-            await self._park(delivery, str(why), 1)
+            await self._park(delivery, str(why), posts.value)
         except RetryableFailure as why:
             if self._stopping.is_set():
                 return  # stopped between tries: unacked, the broker hands it to the next run
-            tries = self._settings.webhook_max_attempts
-            await self._park(delivery, f"gave up after {tries} tries: {why}", tries)
+            await self._park(delivery, f"gave up after {posts.value} tries: {why}", posts.value)
         else:
             self.report.delivered += 1
-            self.report.retries += attempts - 1
+            self.report.retries += posts.value - 1
             await delivery.ack()
 
-    async def _post_until_it_works(self, body: bytes, event_id: str) -> int:
-        """POST until the endpoint takes it; the number of POSTs it took."""
+    async def _post_until_it_works(self, body: bytes, event_id: str, posts: PostCount) -> None:
+        """POST until the endpoint takes it, counting the POSTs in ``posts``."""
 
         async def sleep(seconds: float) -> None:
             with contextlib.suppress(TimeoutError):
@@ -319,17 +324,14 @@ class Forwarder:
             before_sleep=log,
             reraise=True,
         )
-        tries = 0
 
         async def post() -> None:
-            nonlocal tries
-            if tries and self._stopping.is_set():
+            if posts.value and self._stopping.is_set():
                 raise RetryableFailure("the forwarder is stopping")  # a stop cut the wait short: no POST
-            tries += 1
+            posts.value += 1
             await self._post_once(body, event_id)
 
         await retrying(post)
-        return tries
 
     async def _post_once(self, body: bytes, event_id: str) -> None:
         headers = signed_headers(self._options.secret, body, event_id)

@@ -38,8 +38,8 @@ SECRET = "line-7-webhook-secret"
 
 @dataclass
 class Endpoint:
-    """A webhook receiver: 503 for the first ``fail_first`` POSTs of each event, then 200, unless the
-    event's camera is in ``always`` (then that status forever)."""
+    """A webhook receiver: 503 for the first ``fail_first`` POSTs of each event, then 200, or the status
+    ``always`` gives the event's camera."""
 
     fail_first: int = 0
     always: dict[str, int] = field(default_factory=dict)
@@ -63,7 +63,7 @@ class Endpoint:
                 self.unverified.append(event.task_id)
             self.posts[event.task_id] += 1
             await asyncio.sleep(0)  # a turn for any other POST of this camera, were one in flight
-            status = self.always.get(camera, 503 if self.posts[event.task_id] <= self.fail_first else 200)
+            status = 503 if self.posts[event.task_id] <= self.fail_first else self.always.get(camera, 200)
             if status == 200:
                 self.accepted[camera].append(event.task_id)
             return web.Response(status=status, text="busy, try later" if status == 503 else "")
@@ -178,7 +178,7 @@ async def test_an_event_the_endpoint_refuses_or_never_takes_is_parked_with_its_r
     assert code == 0, err
     assert out.split() == ["delivered", "2", "parked", "2", "retries", "2"]
     assert endpoint.accepted["cam-ok"] == [e.task_id for e in good]
-    assert endpoint.posts[refused.task_id] == 1  # a 400 is never tried again
+    assert endpoint.posts[refused.task_id] == 2  # a 503, then a 400: never tried again
     assert endpoint.posts[down.task_id] == 3
     assert {e.task_id for e in copies} == {refused.task_id, down.task_id}
     # The parking queue itself holds both, with the reason and the tries, bodies untouched.
@@ -188,7 +188,7 @@ async def test_an_event_the_endpoint_refuses_or_never_takes_is_parked_with_its_r
     assert ResultEvent.from_json(by_id[refused.task_id].body) == refused
     assert ResultEvent.from_json(by_id[down.task_id].body) == down
     assert str(by_id[refused.task_id].headers[H_REASON]).startswith("HTTP 400")
-    assert by_id[refused.task_id].headers[H_PARK_ATTEMPTS] == 1
+    assert by_id[refused.task_id].headers[H_PARK_ATTEMPTS] == 2
     assert str(by_id[down.task_id].headers[H_REASON]).startswith("gave up after 3 tries: HTTP 500")
     assert by_id[down.task_id].headers[H_PARK_ATTEMPTS] == 3
     assert by_id[down.task_id].routing_key == down.routing_key
