@@ -11,7 +11,7 @@ import json
 import signal
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -72,8 +72,14 @@ class Endpoint:
             self._changed.set()
 
     async def wait_for(self, accepted: int) -> None:
+        await self._wait_until(lambda: sum(len(ids) for ids in self.accepted.values()) >= accepted)
+
+    async def wait_for_posts(self, task_id: uuid.UUID, posts: int) -> None:
+        await self._wait_until(lambda: self.posts[task_id] >= posts)
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
         async def reached() -> None:
-            while sum(len(ids) for ids in self.accepted.values()) < accepted:
+            while not condition():
                 self._changed.clear()
                 await self._changed.wait()
 
@@ -192,4 +198,50 @@ async def test_an_event_the_endpoint_refuses_or_never_takes_is_parked_with_its_r
     assert str(by_id[down.task_id].headers[H_REASON]).startswith("gave up after 3 tries: HTTP 500")
     assert by_id[down.task_id].headers[H_PARK_ATTEMPTS] == 3
     assert by_id[down.task_id].routing_key == down.routing_key
+    assert await broker.queue_depth(queue) == 0
+
+
+async def test_a_stop_while_an_event_is_being_retried_leaves_it_queued_for_the_next_run(
+    broker: Broker, topology_settings: AdminSettings, endpoint: Endpoint
+) -> None:
+    """Acked only once delivered or parked: SIGTERM between two tries hands the event back, and the next
+    forwarder of the same name delivers it."""
+    endpoint.always = {"cam-1": 503}
+    env = cli_env(
+        topology_settings.amqp_url,
+        DETFLEET_WEBHOOK_SECRET=SECRET,
+        DETFLEET_WEBHOOK_MAX_ATTEMPTS="1000",
+        DETFLEET_WEBHOOK_BACKOFF_S="0.01",
+        DETFLEET_WEBHOOK_MAX_BACKOFF_S="0.05",
+    )
+    args = ("forward", "--webhook", endpoint.url, "--name", "mes", "--json")
+    event = make_event("failed", camera="cam-1")
+    first = await start_cli(env, *args)
+    try:
+        await wait_until_subscribed(first)
+        await publish_events(broker, [event])
+        await endpoint.wait_for_posts(event.task_id, 2)  # being retried now
+        code, out, err = await stop(first)
+    finally:
+        if first.returncode is None:
+            first.kill()
+            await first.wait()
+    assert code == 0, err
+    assert json.loads(out) == {"delivered": 0, "parked": 0, "retries": 0}
+    queue = webhook_queue("mes")
+    assert await broker.queue_depth(parked_queue(queue)) == 0  # not parked: handed back, unacked
+
+    endpoint.always = {}  # the endpoint is back
+    second = await start_cli(env, *args)
+    try:
+        await wait_until_subscribed(second)
+        await endpoint.wait_for(1)
+        code, out, err = await stop(second)
+    finally:
+        if second.returncode is None:
+            second.kill()
+            await second.wait()
+    assert code == 0, err
+    assert json.loads(out) == {"delivered": 1, "parked": 0, "retries": 0}
+    assert endpoint.accepted["cam-1"] == [event.task_id]
     assert await broker.queue_depth(queue) == 0
