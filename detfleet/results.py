@@ -149,6 +149,13 @@ def event_line(event: ResultEvent) -> str:
 # ---- live events -------------------------------------------------------------------------------------------
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null, so the flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 @contextlib.contextmanager
 def _stop_on_signals(stopping: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
@@ -179,7 +186,12 @@ async def follow(broker: Broker, key: str, as_json: bool, limit: int | None, sto
         except TaskValidationError as error:
             logger.warning("Skipped a message routed %s: %s", delivery.envelope.routing_key, error)
         else:
-            _out(event.model_dump_json() if as_json else event_line(event))
+            try:
+                _out(event.model_dump_json() if as_json else event_line(event))
+            except BrokenPipeError:  # | head: the reader has what it wanted
+                _silence_stdout()
+                stopping.set()
+                return
             shown += 1
             if limit is not None and shown >= limit:
                 stopping.set()
