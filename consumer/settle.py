@@ -117,7 +117,8 @@ class Settler:
                 await self.requeue(jobs)
                 return Settled(sink_down=True)
             publisher = await publishing() if self._publishes(report, actions) else None
-            announced = await self._announce(report.committed, publisher)
+            announcing = self._announce(report.committed, publisher)  # on the wire in commit order
+        announced = await announcing  # the confirms, waited for outside: the next batch may commit
         # A row whose event was not confirmed keeps its message: the redelivery announces it again.
         unannounced = [
             a.status is not None and not a.requeue and j.task_id not in announced
@@ -148,20 +149,21 @@ class Settler:
         copies = any(a.dead_letter or a.retry for a in actions if not a.requeue)
         return copies or (self._settings.result_events and bool(report.committed))
 
-    async def _announce(
+    def _announce(
         self, committed: Mapping[uuid.UUID, Mapping[str, Any]], publisher: Publisher | None
-    ) -> set[uuid.UUID]:
-        """Publish one result event per committed row and wait for the confirms; returns the task ids
-        announced (all of them when events are off). The publishes leave on one channel in row order."""
+    ) -> Awaitable[set[uuid.UUID]]:
+        """Start publishing one result event per committed row, in row order, and return what awaits their
+        confirms: the task ids announced (all of them when events are off). The publishes are tasks started
+        here, so they reach the channel before those of any batch that commits after this one."""
         if not self._settings.result_events:
-            return set(committed)
+            return _ready(set(committed))
         if publisher is None:
             if committed:
                 logger.warning("No connection for %d result events; requeueing them", len(committed))
-            return set()
+            return _ready(set())
         events = [ResultEvent.from_row(row) for row in committed.values()]
-        sent = await asyncio.gather(*(self._publish_event(e, publisher) for e in events))
-        return {e.task_id for e, ok in zip(events, sent, strict=True) if ok}
+        sends = [asyncio.ensure_future(self._publish_event(e, publisher)) for e in events]
+        return _announced(events, sends)
 
     async def _publish_event(self, event: ResultEvent, publisher: Publisher) -> bool:
         try:
@@ -270,6 +272,15 @@ class Settler:
 
 async def _false() -> bool:
     return False
+
+
+async def _ready(task_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+    return task_ids
+
+
+async def _announced(events: Sequence[ResultEvent], sends: Sequence[Awaitable[bool]]) -> set[uuid.UUID]:
+    sent = await asyncio.gather(*sends)
+    return {e.task_id for e, ok in zip(events, sent, strict=True) if ok}
 
 
 async def _flush(ledgers: Iterable[Acker]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from consumer.detector.fake import FakeDetector
@@ -20,12 +20,12 @@ from tests.support.crashing_consumer import CRASH_EXIT_CODE
 _announce = Settler._announce
 
 
-async def _die_before_announcing(
+def _die_before_announcing(
     self: Settler, committed: Mapping[uuid.UUID, Mapping[str, Any]], publisher: Publisher | None
-) -> set[uuid.UUID]:
+) -> Awaitable[set[uuid.UUID]]:
     if committed:
         os._exit(CRASH_EXIT_CODE)  # the rows are committed; no event, no ack
-    return await _announce(self, committed, publisher)
+    return _announce(self, committed, publisher)
 
 
 def main() -> int:
