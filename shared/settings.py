@@ -140,6 +140,9 @@ class AdminSettings(TopologySettings):
     monitoring_password: SecretStr | None = Field(
         None, description="bootstrap: password of detfleet-monitoring"
     )
+    subscriber_password: SecretStr | None = Field(
+        None, description="bootstrap: password of detfleet-subscriber"
+    )
     gateway_password: SecretStr | None = Field(None, description="bootstrap: password of detfleet-gateway")
     secrets_dir: Path | None = Field(None, description="bootstrap: folder of files named after each user")
     audit_log: Path = Field(
@@ -225,6 +228,28 @@ class ConsumerSettings(TopologySettings):
         return self.realtime_prefetch or self.max_batch
 
 
+class SubscriberSettings(DetfleetSettings):
+    """``detfleet results``: rows from Postgres, live events, and the webhook forwarder (docs/results.md)."""
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, description="Postgres URL of the results table")
+    webhook_secret: SecretStr | None = Field(
+        None, description="results forward: HMAC key of the webhook signatures (or --secret-env)"
+    )
+    webhook_max_attempts: int = Field(
+        5, ge=1, description="results forward: POSTs of one event before it is parked"
+    )
+    webhook_backoff_s: float = Field(
+        0.5, gt=0, description="results forward: first wait after a failed POST, doubling"
+    )
+    webhook_max_backoff_s: float = Field(
+        30.0, gt=0, description="results forward: longest wait between two POSTs of one event"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="results forward: limit of one POST")
+    webhook_prefetch: int = Field(
+        64, gt=0, description="results forward: events held at once (each camera's in order)"
+    )
+
+
 class GatewayToken(BaseModel):
     """One bearer token of the HTTP gateway, as stored: its sha256 (never the token) and its scopes."""
 
@@ -280,6 +305,7 @@ SETTINGS_CLASSES: tuple[type[DetfleetSettings], ...] = (
     AdminSettings,
     ProducerSettings,
     ConsumerSettings,
+    SubscriberSettings,
     GatewaySettings,
 )
 

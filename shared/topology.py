@@ -32,6 +32,10 @@ EXCHANGE_DLQ = QUEUE_DLQ
 # One event per committed result row, routed by ``<status>.<site>.<camera>`` (docs/results.md). No queue of
 # ours is bound to it: subscribers bind their own.
 EXCHANGE_RESULTS = "detfleet.results"
+# ``detfleet results forward --webhook``: a durable queue per forwarder name, and a parking lot beside it (a
+# fanout exchange and a queue, both named ``<queue>.parked``) for the events the endpoint never took.
+WEBHOOK_QUEUE_PREFIX = EXCHANGE_RESULTS + ".webhook."
+PARKED_SUFFIX = ".parked"
 POLICY_PRIORITY = 10
 POLICY_PREFIX = "detfleet-"
 
@@ -118,7 +122,27 @@ USERS = (
     ),
     # Scrapers and KEDA read queue figures from the management API; no message passes through them.
     UserSpec("detfleet-monitoring", "monitoring", configure="^$", write="^$", read="^$"),
+    # Result subscribers (detfleet results --follow and forward, MQTT clients, programs of their own) bind
+    # queues of their own to the results exchange: server-named ones, detfleet.results.<anything> (the
+    # forwarders' queues and parking lots) and the MQTT plugin's. Never a frame, a lane or the DLQ.
+    UserSpec(
+        "detfleet-subscriber",
+        "",
+        configure=r"^(amq\.gen-.*|detfleet\.results\..+|mqtt-subscription-.*)$",
+        write=r"^(amq\.gen-.*|detfleet\.results\..+|mqtt-subscription-.*)$",
+        read=r"^(amq\.gen-.*|detfleet\.results(\..+)?|mqtt-subscription-.*)$",
+    ),
 )
+
+
+def webhook_queue(name: str) -> str:
+    """The durable queue of the webhook forwarder called ``name``: ``detfleet.results.webhook.<name>``."""
+    return WEBHOOK_QUEUE_PREFIX + name
+
+
+def parked_queue(queue: str) -> str:
+    """Where a forwarder of ``queue`` parks what it could not deliver (an exchange and a queue)."""
+    return queue + PARKED_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -157,6 +181,20 @@ class Topology:
             ),
             policies=_policies(s, levels),
             retry_levels=levels,
+        )
+
+    @classmethod
+    def parking_lot(cls, queue: str) -> Topology:
+        """The parking lot of a forwarder's ``queue``: a fanout exchange into a durable queue, one name.
+
+        The forwarder itself declares it (it is not part of ``topology apply``): forwarders come and go."""
+        name = parked_queue(queue)
+        return cls(
+            exchanges=(ExchangeSpec(name, "fanout"),),
+            queues=(QueueSpec(name),),
+            bindings=(BindingSpec(name, name),),
+            policies=(),
+            retry_levels=(),
         )
 
     def retry_level_for(self, attempt: int) -> str:

@@ -191,6 +191,26 @@ class PrivateRabbit:
         self.started = False
 
 
+class MqttRabbit(PrivateRabbit):
+    """A private node with the MQTT plugin too, on an MQTT port of its own (never 1883: another broker's
+    here), its topics mapped onto ``exchange`` (MQTT ``/`` levels are the routing key's ``.`` words)."""
+
+    def __init__(self, root: Path, exchange: str) -> None:
+        self.mqtt_port = free_port()
+        self.mqtt_exchange = exchange
+        super().__init__(root)
+
+    def _config_text(self) -> str:
+        return super()._config_text() + (
+            f"mqtt.listeners.tcp.default = {LOOPBACK}:{self.mqtt_port}\n"
+            f"mqtt.exchange = {self.mqtt_exchange}\n"
+            "mqtt.allow_anonymous = false\n"
+        )
+
+    def _plugins_text(self) -> str:
+        return "[rabbitmq_management,rabbitmq_mqtt].\n"
+
+
 class ShippedRabbit(PrivateRabbit):
     """A node booted from the repository's ``rabbitmq.conf``, ``enabled_plugins`` and a definitions folder.
 

@@ -54,6 +54,7 @@ async def test_the_broker_has_the_roles_the_topology_and_both_plugins_and_no_gue
         "detfleet-consumer",
         "detfleet-ops",
         "detfleet-monitoring",
+        "detfleet-subscriber",
         "detfleet-gateway",
     }
     assert {"detfleet.realtime", "detfleet.bulk", "detfleet.dlq", "detfleet.retry.ready"} <= queues

@@ -28,6 +28,7 @@ PASSWORDS = {
     "detfleet-consumer": "CONSUMER_PASSWORD",
     "detfleet-ops": "OPS_PASSWORD",
     "detfleet-monitoring": "MONITORING_PASSWORD",
+    "detfleet-subscriber": "SUBSCRIBER_PASSWORD",
     "detfleet-gateway": "GATEWAY_PASSWORD",
 }
 STATS_LIMIT_S = 60  # the management API refreshes queue figures every few seconds; a bound, not a timing
@@ -80,6 +81,40 @@ def declare_queue(queue: str) -> Operation:
 
 def delete_queue(queue: str) -> Operation:
     return lambda channel: channel.queue_delete(queue)
+
+
+def bind_temporary_queue(exchange: str, key: str) -> Operation:
+    """What ``detfleet results --follow`` does: a server-named queue bound to ``exchange``, then consumed."""
+
+    def bind(channel: BlockingChannel) -> None:
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue, exchange, key)
+        channel.basic_get(queue, auto_ack=True)
+
+    return bind
+
+
+def bind_named_queue(queue: str, exchange: str) -> Operation:
+    """What the webhook forwarder does: its durable queue bound to the results exchange, then read."""
+
+    def bind(channel: BlockingChannel) -> None:
+        channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, exchange, "#")
+        channel.basic_get(queue, auto_ack=False)
+
+    return bind
+
+
+def declare_parking_lot(name: str) -> Operation:
+    """The forwarder's parking lot: a fanout exchange into a queue of the same name, published to."""
+
+    def declare(channel: BlockingChannel) -> None:
+        channel.exchange_declare(name, "fanout", durable=True)
+        channel.queue_declare(name, durable=True)
+        channel.queue_bind(name, name)
+        publish_to(name, "failed.site.cam")(channel)
+
+    return declare
 
 
 def outcome(stack: ComposeBoot, user: str, operation: Operation) -> str:
@@ -136,6 +171,16 @@ CASES = [
     ("detfleet-monitoring", get_from("detfleet.bulk"), "refused"),
     ("detfleet-monitoring", publish_to("detfleet.frames"), "refused"),
     ("detfleet-monitoring", purge("detfleet.dlq"), "refused"),
+    # Subscribers bind queues of their own to the results exchange and read those; nothing else.
+    ("detfleet-subscriber", bind_temporary_queue("detfleet.results", "failed.#"), "allowed"),
+    ("detfleet-subscriber", bind_named_queue("detfleet.results.webhook.mes", "detfleet.results"), "allowed"),
+    ("detfleet-subscriber", declare_parking_lot("detfleet.results.webhook.mes.parked"), "allowed"),
+    ("detfleet-subscriber", publish_to("detfleet.results", "failed.site.cam"), "refused"),
+    ("detfleet-subscriber", publish_to("detfleet.frames"), "refused"),
+    ("detfleet-subscriber", bind_temporary_queue("detfleet.frames", "bulk.#"), "refused"),
+    ("detfleet-subscriber", get_from("detfleet.bulk"), "refused"),
+    ("detfleet-subscriber", get_from("detfleet.dlq"), "refused"),
+    ("detfleet-subscriber", declare_queue("detfleet.extra"), "refused"),
 ]
 
 
