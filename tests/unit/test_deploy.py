@@ -441,7 +441,7 @@ def test_the_gateway_deployment_is_probed_locked_down_and_scaled_on_cpu(
 
 
 def test_the_compose_gateway_logs_in_as_its_role_and_serves_on_loopback(compose: dict[str, Any]) -> None:
-    gateway = compose["services"]["gateway"]
+    gateway = compose["services"]["http-gateway"]
     env = gateway["environment"]
     assert env["DETFLEET_AMQP_URL"].startswith("amqp://detfleet-gateway:")
     assert env["DETFLEET_DATABASE_URL"].startswith("postgresql://detfleet_writer:")
