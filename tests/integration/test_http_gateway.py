@@ -115,6 +115,13 @@ async def test_multipart_and_png_and_headers_are_accepted(
         assert response.status == 202
 
 
+async def test_a_client_frame_id_names_the_task(http: RunningGateway, client: aiohttp.ClientSession) -> None:
+    first = await post_jpeg(client, http, jpeg_bytes(seed=13), frame_id="seq-42")
+    second = await post_jpeg(client, http, jpeg_bytes(seed=14), frame_id="seq-42")
+    expected = f"/v1/tasks/{frame_task_id(SITE, CAMERA, 'id:seq-42')}"
+    assert first.headers["Location"] == second.headers["Location"] == expected
+
+
 async def test_a_shed_realtime_frame_says_so(
     http: RunningGateway, client: aiohttp.ClientSession, results_db: str
 ) -> None:
