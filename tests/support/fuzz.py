@@ -27,7 +27,7 @@ import numpy as np
 import pika
 from hypothesis import strategies as st
 
-from shared.frames import MAX_FRAME_BYTES
+from shared.frames import JPEG_MAGIC, MAX_FRAME_BYTES, PNG_MAGIC
 from shared.schema import (
     H_ATTEMPT,
     H_CAMERA,
@@ -252,7 +252,8 @@ def bad_bodies(draw: st.DrawFn, kind: str) -> tuple[str, bytes, frozenset[str], 
 
 
 def _not_an_image_magic(body: bytes) -> bool:
-    return not (body.startswith(b"\xff\xd8\xff") or body.startswith(b"\x89PNG\r\n\x1a\n"))
+    """Neither starts with a signature nor stops inside one (``b"\\xff"`` reads as a truncated JPEG)."""
+    return not any(body.startswith(magic) or magic.startswith(body) for magic in (JPEG_MAGIC, PNG_MAGIC))
 
 
 @st.composite
