@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("detfleet.ops:db_main", "create the database, apply migrations, prune old rows"),
     "dlq": ("detfleet.dlq:main", "list, show, replay, export and purge failed tasks and their DLQ entries"),
     "status": ("detfleet.status:main", "queues, rows, DLQ reasons, consumers and scale advice"),
+    "plan": ("detfleet.plan:main", "replicas, cores, GPUs and broker nodes for N cameras at F fps"),
 }
 
 
