@@ -56,7 +56,7 @@ demo: setup
 	$(BIN)/python -m detfleet.demo
 
 # Every peer side by side on the same frames and machine: ceilings, Celery, a pika seed-style consumer and
-# detfleet, with the shipped and a compute-bound model; writes bench/results/ and docs/performance.md.
+# detfleet, with the shipped and a compute-bound model, then the scale part; writes bench/results/ and docs/performance.md.
 bench: setup
 	$(BIN)/python -m bench.run
 

@@ -415,14 +415,15 @@ def _scale_lanes(title: str, lanes: dict[str, Any]) -> list[str]:
     lines = [
         title,
         "",
-        "| Max batch | idle p50 ms | idle p99 ms | backlog p50 ms | backlog p99 ms | p99 backlog / idle"
-        " | within 2x | bulk drained meanwhile /s |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| Max batch | batches in flight | idle p50 ms | idle p99 ms | backlog p50 ms | backlog p99 ms"
+        " | p99 backlog / idle | within 2x | bulk drained meanwhile /s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for point in lanes.values():
         idle, loaded = point["idle"]["latency_ms"], point["backlog"]["latency_ms"]
         lines.append(
-            f"| {point['max_batch']} | {_fmt(idle['p50'])} | {_fmt(idle['p99'])} | {_fmt(loaded['p50'])}"
+            f"| {point['max_batch']} | {point.get('batches_in_flight', 2)} | {_fmt(idle['p50'])}"
+            f" | {_fmt(idle['p99'])} | {_fmt(loaded['p50'])}"
             f" | {_fmt(loaded['p99'])} | {_fmt(point['backlog_p99_over_idle_p99'], 2)} | {_yes(point['met'])}"
             f" | {_fmt(point['backlog'].get('bulk_per_s_meanwhile'))} |"
         )
@@ -498,6 +499,14 @@ def scale_lines(scale: dict[str, Any] | None, plot: Path | None, docs: Path) -> 
         " machine is shared: compare the ratios, each measured within one run, not the absolute rates.",
         "",
     ]
+    for note in scale.get("runs") or []:
+        out.append(
+            f"- {', '.join(note['parts'])}: run started {note.get('started_at') or '-'},"
+            f" {note.get('seconds')} s, load average {note.get('load_average_at_start')} at start,"
+            f" {note.get('load_average_at_end')} at end"
+        )
+    if scale.get("runs"):
+        out.append("")
     if plot is not None:
         out += [f"![scale]({_relative(plot, docs)})", ""]
     if "backlog" in scale:
@@ -557,7 +566,8 @@ def scale_plot(scale: dict[str, Any], path: Path) -> None:
         for name, lanes in series:
             for point in lanes.values():
                 for state in ("idle", "backlog"):
-                    labels.append(f"{name} b{point['max_batch']} {state}")
+                    setting = f"b{point['max_batch']}/{point.get('batches_in_flight', 2)}"
+                    labels.append(f"{name} {setting} {state}")
                     values.append(point[state]["latency_ms"]["p99"] or 0)
         axes[2].barh(labels, values, color="#27b")
         axes[2].invert_yaxis()

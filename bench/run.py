@@ -358,7 +358,8 @@ async def scale_bench(args: argparse.Namespace) -> dict[str, Any]:
             figures = await scale.run_scale(env, model.path, bodies, plan, logs, parts, args.baseline)
     finally:
         await env.close()
-    return {"machine": await describe_machine(), "model": model.description, **figures}
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"machine": await describe_machine(), "model": model.description, "started_at": started, **figures}
 
 
 async def strongest_peers(args: argparse.Namespace) -> dict[str, Any]:
@@ -419,6 +420,22 @@ def run_peers_only(args: argparse.Namespace, docs: Path | None) -> None:
         _save(result, report.RESULTS)
         report.write(result, report.RESULTS.with_suffix(".png"), docs)
         log(f"written {report.RESULTS} and {docs}")
+
+
+def merge_parts(earlier: dict[str, Any], later: dict[str, Any], parts: Sequence[str]) -> dict[str, Any]:
+    """An earlier scale run with the parts of a later one replaced; ``runs`` says which came from when."""
+    merged = dict(earlier)
+    keys = [key for part in parts for key in (part, f"{part}_baseline") if key in later]
+    for key in keys:
+        merged[key] = later[key]
+    runs = list(earlier.get("runs") or [_run_note(earlier, [p for p in scale.PARTS if p in earlier])])
+    merged["runs"] = [*runs, _run_note(later, list(parts))]
+    return merged
+
+
+def _run_note(figures: dict[str, Any], parts: Sequence[str]) -> dict[str, Any]:
+    keys = ("started_at", "seconds", "load_average_at_start", "load_average_at_end")
+    return {"parts": list(parts), **{k: figures.get(k) for k in keys}}
 
 
 def plan_distinct(quick: bool) -> int:
@@ -482,6 +499,8 @@ def run_scale_only(args: argparse.Namespace, docs: Path | None) -> None:
     """--scale: bench/results/scale[-quick].json, then the report again from the last full run's JSON."""
     output = args.output or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
     figures = asyncio.run(scale_bench(args))
+    if args.parts and output.exists():
+        figures = merge_parts(json.loads(output.read_text()), figures, args.parts.split(","))
     _save(figures, output)
     log(f"written {output}")
     if docs is not None and report.RESULTS.exists():

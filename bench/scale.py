@@ -57,7 +57,8 @@ class ScalePlan:
     realtime_rate: float = 10.0
     realtime_frames: int = 200
     lane_backlog: int = 20_000
-    lane_batches: tuple[int, ...] = (16, 8, 4)  # max batch of the replicas in the lane isolation runs
+    # (max batch, batches in flight) of the replicas in the lane isolation runs
+    lane_settings: tuple[tuple[int, int], ...] = ((16, 2), (8, 2), (4, 2), (8, 1), (4, 1))
 
     @classmethod
     def choose(cls, quick: bool, deepest: int | None = None) -> ScalePlan:
@@ -72,7 +73,7 @@ class ScalePlan:
                 replica_frames=400,
                 realtime_frames=60,
                 lane_backlog=2_000,
-                lane_batches=(16,),
+                lane_settings=((16, 2),),
             )
         if deepest is not None:
             return cls(depths=(1_000, 20_000, deepest))
@@ -319,19 +320,20 @@ async def lane_isolation(
     logs: Path,
     cwd: Path | None = None,
 ) -> dict[str, Any]:
-    """Realtime latency idle and behind a bulk backlog at each max batch; ``cwd``: another tree's detfleet
-    (the before figures of a change)."""
+    """Realtime latency idle and behind a bulk backlog at each (max batch, batches in flight); ``cwd``:
+    another tree's detfleet (the before figures of a change)."""
     out: dict[str, Any] = {}
-    for batch in plan.lane_batches:
-        point: dict[str, Any] = {"max_batch": batch}
+    for batch, in_flight in plan.lane_settings:
+        point: dict[str, Any] = {"max_batch": batch, "batches_in_flight": in_flight}
         for backlog in (0, plan.lane_backlog):
             log(f"realtime at {plan.realtime_rate}/s, max batch {batch}, {backlog} bulk frames waiting")
             key = "idle" if backlog == 0 else "backlog"
-            point[key] = await _realtime_run(env, model, bodies, plan, logs, backlog, batch, cwd)
+            peer = DetfleetPeer(2, batch, intra_op_threads=1, cwd=cwd, batches_in_flight=in_flight)
+            point[key] = await _realtime_run(env, model, bodies, plan, logs, backlog, peer)
         idle, loaded = point["idle"]["latency_ms"]["p99"], point["backlog"]["latency_ms"]["p99"]
         point["backlog_p99_over_idle_p99"] = ratio(loaded, idle)
         point["met"] = None if idle is None or loaded is None else loaded <= 2 * idle
-        out[str(batch)] = point
+        out[f"{batch}/{in_flight}"] = point
     return out
 
 
@@ -342,10 +344,8 @@ async def _realtime_run(
     plan: ScalePlan,
     logs: Path,
     backlog: int,
-    batch: int,
-    cwd: Path | None,
+    peer: DetfleetPeer,
 ) -> dict[str, Any]:
-    peer = DetfleetPeer(2, batch, intra_op_threads=1, cwd=cwd)
     await env.reset_rows()
     if backlog:
         await publish(env.amqp_url, bodies, backlog)
@@ -356,7 +356,7 @@ async def _realtime_run(
         warm = 64 if not backlog else 0
         if warm:
             await publish(env.amqp_url, bodies, warm)
-        await wait_lane_rows(env, max(warm, 2 * batch * peer.replicas), "bulk", alive)
+        await wait_lane_rows(env, max(warm, 2 * peer.max_batch * peer.replicas), "bulk", alive)
         bulk_before = len(await lane_rows(env, "bulk"))
         started = time.monotonic()
         await publish(env.amqp_url, bodies, plan.realtime_frames, rate=plan.realtime_rate, lane="realtime")

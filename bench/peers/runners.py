@@ -72,6 +72,7 @@ class DetfleetPeer:
     max_wait_ms: int = 20
     intra_op_threads: int = 0
     name: str = "detfleet"
+    batches_in_flight: int | None = None  # DETFLEET_BATCHES_IN_FLIGHT; None: the default
     cwd: Path | None = None  # run the detfleet of another tree (``python -m`` imports from the cwd first)
 
     @property
@@ -92,6 +93,8 @@ class DetfleetPeer:
                 "DETFLEET_CONSUMER_ID": f"bench-r{index + 1}",
                 "DETFLEET_INTRA_OP_THREADS": str(self.intra_op_threads),
             }
+            if self.batches_in_flight is not None:
+                variables["DETFLEET_BATCHES_IN_FLIGHT"] = str(self.batches_in_flight)
             log = logs / f"detfleet-r{index + 1}.log"
             processes.append(_spawn(argv, clean_env(**variables), log, self.cwd))
         return processes

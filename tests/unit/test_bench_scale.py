@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench import report, scale
+from bench import report, run, scale
 from shared.topology import QUEUE_BULK
 
 
@@ -73,7 +73,22 @@ def test_the_report_has_every_scale_table(tmp_path: Path) -> None:
     assert "deepest / shallowest drain rate = 0.975" in text
     assert "many / one = 0.990" in text
     assert "| 1 | 8 | 190.0 |" in text
-    assert "| 16 | 30.0 | 40.0 | 90.0 | 70.0 | 1.75 | yes | 150.0 |" in text
-    assert "| 16 | 30.0 | 40.0 | 90.0 | 700.0 | 17.50 | **no** | 150.0 |" in text
+    assert "| 16 | 2 | 30.0 | 40.0 | 90.0 | 70.0 | 1.75 | yes | 150.0 |" in text
+    assert "| 16 | 2 | 30.0 | 40.0 | 90.0 | 700.0 | 17.50 | **no** | 150.0 |" in text
     report.scale_plot(figures, tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_a_later_run_of_some_parts_replaces_only_those_and_says_so() -> None:
+    earlier = {"started_at": "t1", "seconds": 900.0, "backlog": {"a": 1}, "lanes": {"old": 1}}
+    later = {"started_at": "t2", "seconds": 300.0, "lanes": {"new": 1}, "lanes_baseline": {"before": 1}}
+
+    merged = run.merge_parts(earlier, later, ["lanes"])
+
+    assert merged["backlog"] == {"a": 1}
+    assert merged["lanes"] == {"new": 1}
+    assert merged["lanes_baseline"] == {"before": 1}
+    assert [(r["parts"], r["started_at"]) for r in merged["runs"]] == [
+        (["lanes", "backlog"], "t1"),
+        (["lanes"], "t2"),
+    ]
