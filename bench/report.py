@@ -433,7 +433,7 @@ def _scale_lanes(title: str, lanes: dict[str, Any]) -> list[str]:
 def _scale_backlog(backlog: dict[str, Any]) -> list[str]:
     lines = [
         "| Bulk storage | Backlog | published /s | drained /s | broker queue memory MiB | bodies in RAM MiB"
-        " | node memory MiB | disk used MiB | replica peak RSS MiB |",
+        " | node memory MiB | persistent bodies MiB | replica peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for storage, part in backlog.items():
@@ -443,7 +443,8 @@ def _scale_backlog(backlog: dict[str, Any]) -> list[str]:
                 f"| {storage} ({broker.get('mode')}) | {run['backlog']:,} | {_fmt(run['publish_per_s'])}"
                 f" | {_fmt(run['tasks_per_s'])} | {_fmt(broker.get('queue_memory_mib'))}"
                 f" | {_fmt(broker.get('message_bytes_ram_mib'))} | {_fmt(broker.get('node_memory_mib'))}"
-                f" | {_fmt(run.get('disk_used_mib'))} | {_fmt(run.get('peak_rss_mib_max'))} |"
+                f" | {_fmt(broker.get('message_bytes_persistent_mib'))}"
+                f" | {_fmt(run.get('peak_rss_mib_max'))} |"
             )
     lines.append("")
     for storage, part in backlog.items():
