@@ -220,15 +220,15 @@ def _notes(rate: float, frame_kb: float, claim_check: bool, broker_nodes: int) -
     if claim_check:
         notes.append(
             f"frames over {CLAIM_CHECK_KB:g} KB: claim-check them (body to object storage, the message"
-            " carries its key); the broker then carries about 1 KB a frame"
+            f" carries its key); the broker then carries about {CLAIM_CHECK_MESSAGE_KB:g} KB a frame"
         )
+    elif rate * frame_kb / 1000 > BROKER_NODE_DISK_MB_S * HEADROOM:
+        notes.append("the bodies pass one broker node's disk: claim-check them, or spread the lanes' queues")
     if broker_nodes > 3:
         notes.append(
-            f"{broker_nodes} broker nodes: past one cluster's comfort; split by site into several clusters"
-            " (each gateway publishes to its own), or claim-check the frames"
+            f"{broker_nodes} broker nodes: past one cluster's comfort; split the plant by site into several"
+            " clusters, each site's gateways publishing to their own (docs/scaling.md)"
         )
-    if rate / 1000 * frame_kb > BROKER_NODE_DISK_MB_S:
-        notes.append("bulk bodies exceed one node's disk: claim-check, or streams on several nodes")
     return tuple(notes)
 
 
