@@ -71,6 +71,7 @@ def test_the_report_has_every_scale_table(tmp_path: Path) -> None:
     )
 
     assert "| shipped (lazy) | 200,000 |" in text
+    assert "| 1 | 8 | 190.0 | - | - | 290.0 |" in text
     assert "deepest / shallowest drain rate = 0.975" in text
     assert "many / one = 0.990" in text
     assert "| 1 | 8 | 190.0 |" in text
