@@ -567,6 +567,8 @@ def scale_plot(scale: dict[str, Any], path: Path) -> None:
             axes[0].plot(
                 depths, [r["tasks_per_s"] or 0 for r in part["runs"]], "o-", label=f"{storage}: drained/s"
             )
+            cores = [per_core(r) or 0 for r in part["runs"]]
+            axes[0].plot(depths, cores, "s--", label=f"{storage}: per worker core")
         axes[0].set_xscale("log")
         axes[0].set_xlabel("bulk backlog (frames)")
         axes[0].set_ylabel("tasks/s")
@@ -578,6 +580,8 @@ def scale_plot(scale: dict[str, Any], path: Path) -> None:
             axes[1].plot(
                 counts, [r["tasks_per_s"] or 0 for r in part["runs"]], "o-", label=f"{threads} threads"
             )
+            cores = [per_core(r) or 0 for r in part["runs"]]
+            axes[1].plot(counts, cores, "s--", label=f"{threads} threads, per worker core")
         axes[1].set_xlabel("replicas (2 cores)")
         axes[1].set_ylabel("tasks/s")
         axes[1].set_title("replicas")
