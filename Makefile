@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := detfleet shared producer consumer
 
-.PHONY: help install services tools setup test unit integration lint format demo bench soak train up down clean dashboard
+.PHONY: help install services tools setup test unit integration lint format demo bench bench-scale soak train up down clean dashboard
 
 help:
 	@echo "make demo   run the main job end to end"
 	@echo "make test   lint, then unit and integration tests against the real RabbitMQ and Postgres"
 	@echo "make lint   ruff and mypy (strict) on the packages and tests"
-	@echo "make bench | soak | train | up | down | clean"
+	@echo "make bench | bench-scale | soak | train | up | down | clean"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -56,9 +56,14 @@ demo: setup
 	$(BIN)/python -m detfleet.demo
 
 # Every peer side by side on the same frames and machine: ceilings, Celery, a pika seed-style consumer and
-# detfleet, with the shipped and a compute-bound model; writes bench/results/ and docs/performance.md.
+# detfleet, with the shipped and a compute-bound model, then the scale part; writes bench/results/ and docs/performance.md.
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Only the scale part (backlog depth to 200,000 frames, 1 and 1,000 cameras, 1-8 replicas, lane isolation),
+# about 20 minutes on 2 cores; DEEPEST=20000 for a shorter run. Adds its tables to docs/performance.md.
+bench-scale: setup
+	$(BIN)/python -m bench.run --scale $(if $(DEEPEST),--deepest $(DEEPEST))
 
 # The long reliability runs (make test runs short versions of each): a 10-minute chaos soak on a private
 # RabbitMQ node and Postgres, 10,000 fuzzed inputs through the broker, two minutes of overload.

@@ -191,3 +191,58 @@ def raw_onnx(model: Path, batches: Sequence[int], seconds: float, threads: int =
         rates[str(batch)] = round(images / (time.perf_counter() - started), 2)
     best = max(rates, key=lambda k: rates[k])
     return {"per_batch": rates, "best_batch": int(best), "images_per_s": rates[best]}
+
+
+# ---- the machine's limit: every core decoding and inferring, nothing else ------------------------------
+
+
+def _limit_worker(
+    model: str, bodies: Sequence[bytes], batch: int, seconds: float, ready: Any, go: Any, out: Any
+) -> None:
+    """One process: its own detector (one intra-op thread), decode + infer batches of ``bodies`` from
+    memory for ``seconds`` once every process is ready; puts (images, seconds) on ``out``."""
+    detector = load_detector(DetectorConfig(model_path=Path(model), device="cpu", intra_op_threads=1))
+    size = detector.info.input_size
+    detector.detect([f for f in (decode_frame(b, size) for b in bodies[:batch]) if not isinstance(f, str)])
+    ready.release()
+    go.wait()
+    images, index, started = 0, 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or images == 0:
+        chunk = [bodies[(index + i) % len(bodies)] for i in range(batch)]
+        index += batch
+        frames = [f for f in (decode_frame(b, size) for b in chunk) if not isinstance(f, str)]
+        detector.detect(frames)
+        images += len(frames)
+    out.put((images, time.perf_counter() - started))
+
+
+def machine_limit(
+    model: Path, bodies: Sequence[bytes], batch: int, seconds: float, processes: int = 0
+) -> dict[str, Any]:
+    """What the CPU can do at all: one process a core (``processes``, 0 = the cores), each decoding and
+    inferring batches from memory with one ONNX Runtime thread; no broker, no database, no threads shared.
+    Images per second summed over the processes, all started together."""
+    import multiprocessing
+
+    count = processes or os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")
+    ready, go, out = context.Semaphore(0), context.Event(), context.Queue()
+    args = (str(model), list(bodies), batch, seconds, ready, go, out)
+    workers = [context.Process(target=_limit_worker, args=args, daemon=True) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.acquire(timeout=300)
+    go.set()
+    results = [out.get(timeout=seconds + 300) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+    rate = sum(images / elapsed for images, elapsed in results)
+    return {
+        "processes": count,
+        "max_batch": batch,
+        "intra_op_threads": 1,
+        "tasks_per_s": round(rate, 2),
+        "per_process_per_s": [round(i / e, 2) for i, e in results],
+        "latency_kind": "none (no queueing: decode and inference only)",
+    }

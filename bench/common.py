@@ -120,9 +120,9 @@ def batch_sizes(rows: Iterable[dict[str, Any]]) -> list[int]:
 # ---- frames and models ----------------------------------------------------------------------------------
 
 
-def make_frames(count: int, seed: int = 0) -> list[bytes]:
-    """``count`` distinct 640x480 JPEG q90 frames: the project's synthetic scenes where detfleet.synth is
-    there, else gradient-and-rectangle scenes of similar size and entropy."""
+def make_frames(count: int, seed: int = 0, size: tuple[int, int] = FRAME_SIZE) -> list[bytes]:
+    """``count`` distinct JPEG q90 frames of ``size`` (640x480 unless told): the project's synthetic scenes
+    where detfleet.synth is there, else gradient-and-rectangle scenes of similar size and entropy."""
     try:
         from detfleet import synth
 
@@ -133,9 +133,9 @@ def make_frames(count: int, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     for index in range(count):
         if render is not None:
-            image = np.asarray(render(seed + index, size=FRAME_SIZE).image)
+            image = np.asarray(render(seed + index, size=size).image)
         else:
-            image = _stand_in_scene(rng)
+            image = _stand_in_scene(rng, size)
         ok, encoded = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), JPEG_QUALITY])
         if not ok:
             raise RuntimeError("OpenCV could not encode a JPEG")
@@ -143,8 +143,8 @@ def make_frames(count: int, seed: int = 0) -> list[bytes]:
     return bodies
 
 
-def _stand_in_scene(rng: np.random.Generator) -> np.ndarray:
-    width, height = FRAME_SIZE
+def _stand_in_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
     ramp = np.linspace(0.6, 1.0, width, dtype=np.float32)[None, :, None]
     image = np.broadcast_to(np.asarray(rng.uniform(40, 200, 3), np.float32) * ramp, (height, width, 3)).copy()
     for _ in range(int(rng.integers(3, 9))):

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import aio_pika
 
-from shared.schema import Task
+from shared.schema import Lane, Task
 from shared.topology import EXCHANGE_FRAMES
 
 SITE, CAMERA = "bench", "cam-1"
@@ -31,14 +31,19 @@ def schedule(count: int, rate: float | None) -> list[float]:
     return [index / rate for index in range(count)]
 
 
-def detfleet_message(body: bytes) -> aio_pika.Message:
-    """A bulk-lane task exactly as detfleet's publisher builds it, captured now."""
+def camera_name(index: int, cameras: int) -> str:
+    """``cam-1`` for a single camera (the bench's usual key), ``cam-0001``... for many."""
+    return CAMERA if cameras == 1 else f"cam-{index % cameras:04d}"
+
+
+def detfleet_message(body: bytes, lane: Lane = "bulk", camera: str = CAMERA) -> aio_pika.Message:
+    """A task exactly as detfleet's publisher builds it, captured now."""
     now = datetime.now(UTC)
     task = Task(
         task_id=uuid.uuid4(),
-        lane="bulk",
+        lane=lane,
         site=SITE,
-        camera_id=CAMERA,
+        camera_id=camera,
         captured_at=now,
         trace_id=uuid.uuid4().hex,
         producer="bench",
@@ -72,23 +77,33 @@ async def publish(
     *,
     rate: float | None = None,
     detfleet: bool = True,
+    lane: Lane = "bulk",
+    cameras: int = 1,
 ) -> float:
     """Publish ``count`` frames (cycling ``bodies``) with confirms, at most IN_FLIGHT unconfirmed, either to
-    detfleet's bulk lane or to PLAIN_QUEUE (declared here); returns the confirmed publishes per second."""
+    detfleet's ``lane`` (frame i from camera i mod ``cameras``, each its own routing key) or to PLAIN_QUEUE
+    (declared here); returns the confirmed publishes per second."""
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
         if detfleet:
             exchange = await channel.get_exchange(EXCHANGE_FRAMES)
-            routing_key, build = f"bulk.{SITE}.{CAMERA}", detfleet_message
         else:
             await channel.declare_queue(PLAIN_QUEUE, durable=True)
-            exchange, routing_key, build = channel.default_exchange, PLAIN_QUEUE, plain_message
+            exchange = channel.default_exchange
+
+        def addressed(index: int, body: bytes) -> tuple[aio_pika.Message, str]:
+            if not detfleet:
+                return plain_message(body), PLAIN_QUEUE
+            camera = camera_name(index, cameras)
+            return detfleet_message(body, lane, camera), f"{lane}.{SITE}.{camera}"
+
         window = asyncio.Semaphore(IN_FLIGHT)
 
-        async def one(body: bytes) -> None:
+        async def one(index: int, body: bytes) -> None:
             try:
-                await exchange.publish(build(body), routing_key)
+                message, routing_key = addressed(index, body)
+                await exchange.publish(message, routing_key)
             finally:
                 window.release()
 
@@ -99,7 +114,7 @@ async def publish(
             if delay > 0:
                 await asyncio.sleep(delay)
             await window.acquire()
-            tasks.append(asyncio.create_task(one(bodies[index % len(bodies)])))
+            tasks.append(asyncio.create_task(one(index, bodies[index % len(bodies)])))
         await asyncio.gather(*tasks)
         return count / (time.monotonic() - started)
     finally:

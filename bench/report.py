@@ -19,8 +19,20 @@ import matplotlib.pyplot as plt
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 RESULTS = Path(__file__).with_name("results") / "bench.json"
-PEERS = ("ceiling", "broker_ceiling", "celery", "seed", "detfleet_1", "detfleet_2")
+PEERS = (
+    "machine_limit",
+    "ceiling",
+    "broker_ceiling",
+    "celery",
+    "celery_batches",
+    "seed",
+    "detfleet_1",
+    "detfleet_2",
+)
 LABELS = {
+    "machine_limit": "Machine's limit (a process a core, decode + inference only)",
+    "celery_batches": "Celery 5 + celery-batches peer",
+    "detfleet": "detfleet, 2 replicas",
     "ceiling": "Ceiling (one process, no broker)",
     "broker_ceiling": "Broker ceiling (aio-pika, no work)",
     "celery": "Celery 5 peer",
@@ -47,8 +59,16 @@ def peer_rows(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
         **best_ceiling,
         "setting": f"batch {best_ceiling['max_batch']}, threads {ceiling_threads}",
     }
+    if "machine_limit" in model:
+        limit = model["machine_limit"]
+        rows["machine_limit"] = {
+            **limit,
+            "setting": f"{limit['processes']} processes, batch {limit['max_batch']}",
+        }
     rows["broker_ceiling"] = {**model["broker_ceiling"], "setting": "prefetch 256, confirms"}
-    for name in ("celery", "seed"):
+    for name in ("celery", "celery_batches", "seed"):
+        if name not in model:
+            continue
         peer = model[name]
         rows[name] = {**peer, "latency_ms": peer.get("paced", {}).get("latency_ms"), "setting": "2 workers"}
     best = model["detfleet"]["best"]
@@ -73,6 +93,34 @@ def _peer_table(model: dict[str, Any]) -> list[str]:
             f"| {LABELS[key]} | {row['setting']} | {_fmt(row['tasks_per_s'])} | {_fmt(latency.get('p50'))}"
             f" | {_fmt(latency.get('p99'))} | {_fmt(row.get('cpu_cores_workers'), 2)}"
             f" | {_fmt(row.get('cpu_cores_broker'), 2)} | {_fmt(row.get('cpu_cores_postgres'), 2)}"
+            f" | {_fmt(row.get('peak_rss_mib_max'))} / {_fmt(row.get('peak_rss_mib_sum'))} |"
+        )
+    return lines
+
+
+def _strongest(run: dict[str, Any] | None) -> list[str]:
+    """The strongest peers and the machine's limit, measured together in one ``--peers`` run."""
+    if not run:
+        return []
+    lines = [
+        "",
+        "The strongest peers and the machine's limit, all measured in one run"
+        f" (`python -m bench.run --peers`, started {run['started_at']}, load average"
+        f" {run['load_average_at_start']} at start and"
+        f" {run['load_average_at_end']} at end; {run['frames']} frames a saturated run, latency at"
+        f" {run['latency_rate_per_s']}/s for every broker-fed peer):",
+        "",
+        "| Peer | tasks/s | detfleet / it | p50 ms | p99 ms | CPU workers (cores)"
+        " | peak RSS MiB (largest / all) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("machine_limit", "ceiling", "celery", "celery_batches", "seed", "detfleet"):
+        row = run[name]
+        latency = (row.get("paced") or {}).get("latency_ms") or {}
+        against = run["ratios"].get(f"detfleet_over_{name}") if name != "detfleet" else 1.0
+        lines.append(
+            f"| {LABELS[name]} | {_fmt(row['tasks_per_s'])} | {_fmt(against, 3)} | {_fmt(latency.get('p50'))}"
+            f" | {_fmt(latency.get('p99'))} | {_fmt(row.get('cpu_cores_workers'), 2)}"
             f" | {_fmt(row.get('peak_rss_mib_max'))} / {_fmt(row.get('peak_rss_mib_sum'))} |"
         )
     return lines
@@ -176,10 +224,14 @@ def markdown(result: dict[str, Any], plot: Path, docs: Path) -> str:
     for key, model in result["models"].items():
         out += [f"## Model: {key}", "", f"{model['model']['description']} (`{model['model']['file']}`).", ""]
         out += _peer_table(model)
+        out += _strongest(model.get("strongest"))
         out += ["", f"Common paced rate for latency: {model['latency_rate_per_s']}/s.", "", "Ratios:", ""]
         out += [f"- `{name}`: {_fmt(value, 3)}" for name, value in model["ratios"].items()]
         out += ["", "Targets:", "", *_targets(model), "", "detfleet latency sweep (best setting):", ""]
         out += [*_sweep(model), "", "detfleet settings tried:", "", *_grid(model), ""]
+    scale = result.get("scale")
+    scale_png = plot.with_name("scale.png") if scale else None
+    out += scale_lines(scale, scale_png, docs)
     out += _producer(result) + _prototypes(result) + LIMITS + _gpu()
     return "\n".join(out) + "\n"
 
@@ -254,6 +306,12 @@ LIMITS = [
     "- Celery and the seed-style consumer run one image per inference; on two cores that costs less than the"
     " batching gains, so detfleet leads them by about 1.8x, short of 3x. The ceiling itself is under 3x"
     " Celery here: the target needs a machine where batching pays more (more cores, a GPU).",
+    "- Celery with celery-batches batches as detfleet does (16 frames, a process a core) and drains a backlog"
+    " about as fast on these 2 cores (the `--peers` table); what it gives up shows at a paced rate: its"
+    " buffer flushes on a timer in the worker's main process and the prefork pool takes one batch a child, so"
+    " its latency is several times detfleet's; and a failed batch is acked whole (no retry, no DLQ).",
+    "- The machine's limit (a process a core decoding and inferring from memory) is what the CPU can do at"
+    " all; the broker, Postgres and the Python around every frame share the same 2 cores with the fleet.",
     "- With the compute-bound model every design is bound by ONNX Runtime; detfleet stays a few percent"
     " under raw inference because decoding, acks, the broker and Postgres take that share of two cores.",
     "- JPEG frames are decoded at the smallest libjpeg scale that covers the model input (1/2 for 640x480"
@@ -303,7 +361,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         names = [k for k in PEERS if k in rows]
         rates = [rows[k]["tasks_per_s"] or 0 for k in names]
         left = axes[row][0]
-        left.barh([LABELS[k] for k in names], rates, color=["#999", "#bbb", "#d62", "#e93", "#27b", "#16a"])
+        palette = {"celery": "#d62", "celery_batches": "#c51", "seed": "#e93", "detfleet_1": "#27b"}
+        colors = [palette.get(k, "#16a" if k.startswith("detfleet") else "#999") for k in names]
+        left.barh([LABELS[k] for k in names], rates, color=colors)
         left.invert_yaxis()
         left.set_xlabel("tasks/s")
         left.set_title(f"{key} model: throughput")
@@ -330,6 +390,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write(result: dict[str, Any], plot_path: Path, docs: Path | None) -> None:
     plot(result, plot_path)
+    if result.get("scale"):
+        scale_plot(result["scale"], plot_path.with_name("scale.png"))
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         docs.write_text(markdown(result, plot_path, docs))
@@ -342,6 +404,208 @@ def main() -> None:
     args = parser.parse_args()
     result = json.loads(args.results.read_text())
     write(result, args.results.with_suffix(".png"), args.docs)
+
+
+# ---- the scale part (bench/scale.py) ------------------------------------------------------------------
+
+
+def _yes(met: bool | None) -> str:
+    return "-" if met is None else ("yes" if met else "**no**")
+
+
+def _scale_lanes(title: str, lanes: dict[str, Any]) -> list[str]:
+    lines = [
+        title,
+        "",
+        "| Max batch | batches in flight | idle p50 ms | idle p99 ms | backlog p50 ms | backlog p99 ms"
+        " | p99 backlog / idle | within 2x | bulk drained meanwhile /s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for point in lanes.values():
+        idle, loaded = point["idle"]["latency_ms"], point["backlog"]["latency_ms"]
+        lines.append(
+            f"| {point['max_batch']} | {point.get('batches_in_flight', 2)} | {_fmt(idle['p50'])}"
+            f" | {_fmt(idle['p99'])} | {_fmt(loaded['p50'])}"
+            f" | {_fmt(loaded['p99'])} | {_fmt(point['backlog_p99_over_idle_p99'], 2)} | {_yes(point['met'])}"
+            f" | {_fmt(point['backlog'].get('bulk_per_s_meanwhile'))} |"
+        )
+    return [*lines, ""]
+
+
+def per_core(run: dict[str, Any]) -> float | None:
+    """Frames per second of the workers' busy CPU: the rate a run would have had with one whole core,
+    which the neighbours' load on a shared machine moves far less than the rate itself."""
+    rate, cores = run.get("tasks_per_s"), run.get("cpu_cores_workers")
+    return round(rate / cores, 1) if rate and cores else None
+
+
+def _per_core_ratio(first: dict[str, Any], last: dict[str, Any]) -> str:
+    a, b = per_core(first), per_core(last)
+    return _fmt(round(b / a, 3) if a and b else None, 3)
+
+
+def _scale_backlog(backlog: dict[str, Any]) -> list[str]:
+    lines = [
+        "| Bulk storage | Backlog | published /s | drained /s | per worker core /s | broker queue memory MiB"
+        " | bodies in RAM MiB | node memory MiB | persistent bodies MiB | replica peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for storage, part in backlog.items():
+        for run in part["runs"]:
+            broker = run["broker"]
+            lines.append(
+                f"| {storage} ({broker.get('mode')}) | {run['backlog']:,} | {_fmt(run['publish_per_s'])}"
+                f" | {_fmt(run['tasks_per_s'])} | {_fmt(per_core(run))}"
+                f" | {_fmt(broker.get('queue_memory_mib'))}"
+                f" | {_fmt(broker.get('message_bytes_ram_mib'))} | {_fmt(broker.get('node_memory_mib'))}"
+                f" | {_fmt(broker.get('message_bytes_persistent_mib'))}"
+                f" | {_fmt(run.get('peak_rss_mib_max'))} |"
+            )
+    lines.append("")
+    for storage, part in backlog.items():
+        lines.append(
+            f"- {storage}: deepest / shallowest drain rate = {_fmt(part['deepest_over_shallowest'], 3)}"
+            f" (goal >= 0.9: {_yes(part['met'])}); per worker core:"
+            f" {_per_core_ratio(part['runs'][0], part['runs'][-1])}"
+        )
+    return [*lines, ""]
+
+
+def _scale_replicas(replicas: dict[str, Any]) -> list[str]:
+    lines = [
+        "| intra-op threads | Replicas | tasks/s | workers' CPU (cores) | per worker core /s"
+        " | RSS per replica MiB | prefetch (bodies held MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for threads, part in replicas.items():
+        for run in part["runs"]:
+            lines.append(
+                f"| {threads} | {run['replicas']} | {_fmt(run['tasks_per_s'])}"
+                f" | {_fmt(run.get('cpu_cores_workers'), 2)} | {_fmt(per_core(run))}"
+                f" | {_fmt(run['rss_mib_per_replica'])}"
+                f" | {run['prefetch']} ({_fmt(run['prefetch_bodies_mib'])}) |"
+            )
+    lines.append("")
+    for threads, part in replicas.items():
+        lines.append(
+            f"- {threads} intra-op threads: the most replicas / the best count"
+            f" = {_fmt(part['most_over_best'], 3)}"
+            f" (no collapse, >= 0.8: {_yes(part['met'])})"
+        )
+    return [*lines, ""]
+
+
+def _scale_cameras(cameras: dict[str, Any]) -> list[str]:
+    runs = ", ".join(
+        f"{r['cameras']:,} camera(s) {_fmt(r['tasks_per_s'])}/s ({_fmt(per_core(r))}/s per worker core)"
+        for r in cameras["runs"]
+    )
+    first, last = cameras["runs"][0], cameras["runs"][-1]
+    return [
+        f"Cameras: {runs}; many / one = {_fmt(cameras['many_over_one'], 3)} (goal >= 0.95:"
+        f" {_yes(cameras['met'])}); per worker core: {_per_core_ratio(first, last)}.",
+        "",
+    ]
+
+
+def scale_lines(scale: dict[str, Any] | None, plot: Path | None, docs: Path) -> list[str]:
+    if not scale:
+        return []
+    out = [
+        "## Scale (bench/scale.py)",
+        "",
+        f"`python -m bench.run --scale` (`make bench-scale`), {scale.get('seconds')} s, load average"
+        f" {scale.get('load_average_at_start')} at start and {scale.get('load_average_at_end')} at end;"
+        f" {scale['frame_size']} frames of {scale['frame_bytes_mean']} bytes on average, the shipped model,"
+        " 2 replicas at max batch 16 with one ONNX Runtime thread unless a table says otherwise. The"
+        " machine is shared: compare the ratios, each measured within one run, not the absolute rates; where"
+        ' the workers got very different shares of the CPU, "per worker core" (frames/s over the workers\''
+        " busy cores) is the fairer comparison.",
+        "",
+    ]
+    for note in scale.get("runs") or []:
+        out.append(
+            f"- {', '.join(note['parts'])}: run started {note.get('started_at') or '-'},"
+            f" {note.get('seconds')} s, load average {note.get('load_average_at_start')} at start,"
+            f" {note.get('load_average_at_end')} at end"
+        )
+    if scale.get("runs"):
+        out.append("")
+    if plot is not None:
+        out += [f"![scale]({_relative(plot, docs)})", ""]
+    if "backlog" in scale:
+        out += ["### Backlog depth", "", *_scale_backlog(scale["backlog"])]
+    if "cameras" in scale:
+        out += ["### Cameras", "", *_scale_cameras(scale["cameras"])]
+    if "replicas" in scale:
+        out += ["### Replicas on this machine's cores", "", *_scale_replicas(scale["replicas"])]
+    if "lanes" in scale:
+        out += ["### Lane isolation", ""]
+        first = _first(scale["lanes"])
+        out += _scale_lanes(
+            f"Realtime frames at {first['idle']['realtime_rate']}/s, publish to row, with the bulk lane empty"
+            f" and with {first['backlog']['bulk_backlog']:,} bulk frames waiting:",
+            scale["lanes"],
+        )
+        if "lanes_baseline" in scale:
+            out += _scale_lanes(
+                "The same before the fix (a realtime batch topped up with bulk frames):",
+                scale["lanes_baseline"],
+            )
+    return out
+
+
+def _first(parts: dict[str, Any]) -> dict[str, Any]:
+    return next(iter(parts.values()))
+
+
+def scale_plot(scale: dict[str, Any], path: Path) -> None:
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if "backlog" in scale:
+        for storage, part in scale["backlog"].items():
+            depths = [r["backlog"] for r in part["runs"]]
+            axes[0].plot(
+                depths, [r["tasks_per_s"] or 0 for r in part["runs"]], "o-", label=f"{storage}: drained/s"
+            )
+            cores = [per_core(r) or 0 for r in part["runs"]]
+            axes[0].plot(depths, cores, "s--", label=f"{storage}: per worker core")
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("bulk backlog (frames)")
+        axes[0].set_ylabel("tasks/s")
+        axes[0].set_title("drain rate by backlog depth")
+        axes[0].legend()
+    if "replicas" in scale:
+        for threads, part in scale["replicas"].items():
+            counts = [r["replicas"] for r in part["runs"]]
+            axes[1].plot(
+                counts, [r["tasks_per_s"] or 0 for r in part["runs"]], "o-", label=f"{threads} threads"
+            )
+            cores = [per_core(r) or 0 for r in part["runs"]]
+            axes[1].plot(counts, cores, "s--", label=f"{threads} threads, per worker core")
+        axes[1].set_xlabel("replicas (2 cores)")
+        axes[1].set_ylabel("tasks/s")
+        axes[1].set_title("replicas")
+        axes[1].legend()
+    if "lanes" in scale:
+        series = [("after", scale["lanes"])]
+        if "lanes_baseline" in scale:
+            series.insert(0, ("before", scale["lanes_baseline"]))
+        labels, values = [], []
+        for name, lanes in series:
+            for point in lanes.values():
+                for state in ("idle", "backlog"):
+                    setting = f"b{point['max_batch']}/{point.get('batches_in_flight', 2)}"
+                    labels.append(f"{name} {setting} {state}")
+                    values.append(point[state]["latency_ms"]["p99"] or 0)
+        axes[2].barh(labels, values, color="#27b")
+        axes[2].invert_yaxis()
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("realtime p99 ms")
+        axes[2].set_title("lane isolation")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

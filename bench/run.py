@@ -4,7 +4,9 @@ For each model (the shipped default, and a compute-bound ~8 GFLOP random-weight 
 
 1. ceiling: decode, preprocess, infer and a batched insert in one process, no broker (bench/ceiling.py);
 2. broker ceiling: publish and consume the same bodies with aio-pika, no work;
-3. Celery peer (bench/peers/celery_peer.py) and 4. seed-style peer (bench/peers/seed_peer.py);
+3. Celery peer (bench/peers/celery_peer.py), Celery with celery-batches (bench/peers/celery_batches_peer.py)
+   and 4. seed-style peer (bench/peers/seed_peer.py); the machine's limit: a process a core decoding and
+   inferring from memory, nothing else (bench/ceiling.py);
 5. detfleet: 1 and 2 ``detfleet consume`` replicas over a grid of max batch and ONNX Runtime intra-op
    threads (0 = ONNX Runtime's choice, one a core; 1), the best kept; the ceilings get the same grid;
 
@@ -19,6 +21,8 @@ docs/performance.md from it.
     .venv/bin/python -m bench.run            # full run, about 15-20 minutes on 2 cores
     .venv/bin/python -m bench.run --quick    # a few hundred frames, default model only: 2-3 minutes
     .venv/bin/python -m bench.run --profile  # also py-spy record a replica of detfleet's best setting
+    .venv/bin/python -m bench.run --scale    # only the scale part (bench/scale.py): bench/results/scale.json
+    .venv/bin/python -m bench.run --peers    # only the strongest peers and the machine's limit: peers.json
 """
 
 from __future__ import annotations
@@ -41,9 +45,17 @@ import celery  # type: ignore[import-untyped]
 import onnxruntime
 import psutil
 
-from bench import ceiling, prototypes, publish_rate, report
+from bench import ceiling, prototypes, publish_rate, report, scale
 from bench.common import BenchEnv, ModelSpec, compute_model, default_model, make_frames, ratio
-from bench.peers.runners import CeleryPeer, DetfleetPeer, Peer, SeedPeer, paced, saturated
+from bench.peers.runners import (
+    CeleryBatchesPeer,
+    CeleryPeer,
+    DetfleetPeer,
+    Peer,
+    SeedPeer,
+    paced,
+    saturated,
+)
 from shared.management import Management
 from shared.settings import DEFAULT_DATABASE_URL, DEFAULT_MANAGEMENT_URL
 
@@ -125,6 +137,14 @@ async def measure_model(
     out["celery"] = await saturated(env, CeleryPeer(CORES), model.path, bodies, count, logs, hint)
     log(f"{model.key}: seed-style")
     out["seed"] = await saturated(env, SeedPeer(CORES), model.path, bodies, count, logs, hint)
+    log(f"{model.key}: Celery with celery-batches")
+    out["celery_batches"] = await saturated(
+        env, CeleryBatchesPeer(CORES), model.path, bodies, count, logs, hint
+    )
+    log(f"{model.key}: the machine's limit (a process a core, decode and inference only)")
+    out["machine_limit"] = await asyncio.to_thread(
+        ceiling.machine_limit, model.path, bodies, max(grid), plan.raw_onnx_seconds * 2
+    )
 
     detfleet_runs = []
     for replicas in plan.replicas:
@@ -171,8 +191,14 @@ async def _latencies(
 ) -> None:
     """Latency of the three broker-fed peers at one common rate, then detfleet's sweep."""
     best_peer = DetfleetPeer(best["replicas"], best["max_batch"], intra_op_threads=best["intra_op_threads"])
-    peers: dict[str, Peer] = {"celery": CeleryPeer(CORES), "seed": SeedPeer(CORES), "detfleet": best_peer}
-    maxima = [out["celery"]["tasks_per_s"], out["seed"]["tasks_per_s"], best["tasks_per_s"]]
+    peers: dict[str, Peer] = {
+        "celery": CeleryPeer(CORES),
+        "seed": SeedPeer(CORES),
+        "celery_batches": CeleryBatchesPeer(CORES),
+        "detfleet": best_peer,
+    }
+    maxima = [out[name]["tasks_per_s"] for name in ("celery", "seed", "celery_batches")]
+    maxima.append(best["tasks_per_s"])
     common = 0.5 * min(m for m in maxima if m)
     out["latency_rate_per_s"] = round(common, 2)
     for name, peer in peers.items():
@@ -198,6 +224,9 @@ def _ratios(out: dict[str, Any]) -> dict[str, float | None]:
         "detfleet_over_ceiling": ratio(detfleet, ceiling_rate),
         "detfleet_over_celery": ratio(detfleet, celery_rate),
         "detfleet_over_seed": ratio(detfleet, out["seed"]["tasks_per_s"]),
+        # older results have neither
+        "detfleet_over_celery_batches": ratio(detfleet, out.get("celery_batches", {}).get("tasks_per_s")),
+        "detfleet_over_machine_limit": ratio(detfleet, out.get("machine_limit", {}).get("tasks_per_s")),
         "detfleet_over_raw_onnx": ratio(detfleet, out["raw_onnx"]["images_per_s"]),
         "detfleet_over_broker_ceiling": ratio(detfleet, out["broker_ceiling"]["tasks_per_s"]),
         "ceiling_over_celery": ratio(ceiling_rate, celery_rate),
@@ -314,6 +343,105 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def scale_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The scale part alone: its own throw-away vhost and database, the shipped model, small frames."""
+    plan = scale.ScalePlan.choose(args.quick, args.deepest)
+    bodies = make_frames(plan_distinct(args.quick), size=scale.SCALE_FRAME_SIZE)
+    env = await BenchEnv.create()
+    try:
+        with tempfile.TemporaryDirectory(prefix="detfleet-scale-") as scratch:
+            folder = Path(scratch)
+            logs = folder / "logs"
+            logs.mkdir()
+            model = default_model(folder, args.model)
+            parts = args.parts.split(",") if args.parts else scale.PARTS
+            figures = await scale.run_scale(env, model.path, bodies, plan, logs, parts, args.baseline)
+    finally:
+        await env.close()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"machine": await describe_machine(), "model": model.description, "started_at": started, **figures}
+
+
+async def strongest_peers(args: argparse.Namespace) -> dict[str, Any]:
+    """--peers: the machine's limit, the ceiling, Celery, Celery with celery-batches, seed-style and detfleet
+    at its best setting of the last full run, on the default model, all in this one run (ratios hold)."""
+    plan = Plan.choose(False)
+    bodies = make_frames(plan.distinct_frames)
+    count = plan.frames["default"]
+    env = await BenchEnv.create()
+    out: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "frames": count}
+    out["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    try:
+        with tempfile.TemporaryDirectory(prefix="detfleet-peers-") as scratch:
+            folder = Path(scratch)
+            logs = folder / "logs"
+            logs.mkdir()
+            model = default_model(folder, args.model).path
+            log("peers: the machine's limit")
+            out["machine_limit"] = await asyncio.to_thread(ceiling.machine_limit, model, bodies, 16, 10.0)
+            log("peers: ceiling")
+            out["ceiling"] = await ceiling.pipeline_ceiling(env, model, bodies, count, 16, 0)
+            hint = out["ceiling"]["tasks_per_s"]
+            peers: dict[str, Peer] = {
+                "celery": CeleryPeer(CORES),
+                "celery_batches": CeleryBatchesPeer(CORES),
+                "seed": SeedPeer(CORES),
+                "detfleet": DetfleetPeer(2, 16, intra_op_threads=1),
+            }
+            for name, peer in peers.items():
+                log(f"peers: {name}")
+                out[name] = await saturated(env, peer, model, bodies, count, logs, hint)
+            common = 0.5 * min(out[n]["tasks_per_s"] or 0.0 for n in peers)
+            out["latency_rate_per_s"] = round(common, 2)
+            for name, peer in peers.items():
+                log(f"peers: latency of {name} at {common:.1f}/s")
+                samples = max(30, round(common * plan.paced_seconds))
+                out[name]["paced"] = await paced(env, peer, model, bodies, common, samples, logs)
+    finally:
+        await env.close()
+    detfleet = out["detfleet"]["tasks_per_s"]
+    out["ratios"] = {
+        f"detfleet_over_{name}": ratio(detfleet, out[name]["tasks_per_s"])
+        for name in ("machine_limit", "ceiling", "celery", "celery_batches", "seed")
+    }
+    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def run_peers_only(args: argparse.Namespace, docs: Path | None) -> None:
+    """--peers: bench/results/peers.json, merged into the last full run's JSON as the default model's
+    ``strongest`` table, then the report again."""
+    figures = asyncio.run(strongest_peers(args))
+    _save(figures, RESULTS / "peers.json")
+    log(f"written {RESULTS / 'peers.json'}")
+    if docs is not None and report.RESULTS.exists():
+        result = json.loads(report.RESULTS.read_text())
+        result["models"]["default"]["strongest"] = figures
+        _save(result, report.RESULTS)
+        report.write(result, report.RESULTS.with_suffix(".png"), docs)
+        log(f"written {report.RESULTS} and {docs}")
+
+
+def merge_parts(earlier: dict[str, Any], later: dict[str, Any], parts: Sequence[str]) -> dict[str, Any]:
+    """An earlier scale run with the parts of a later one replaced; ``runs`` says which came from when."""
+    merged = dict(earlier)
+    keys = [key for part in parts for key in (part, f"{part}_baseline") if key in later]
+    for key in keys:
+        merged[key] = later[key]
+    runs = list(earlier.get("runs") or [_run_note(earlier, [p for p in scale.PARTS if p in earlier])])
+    merged["runs"] = [*runs, _run_note(later, list(parts))]
+    return merged
+
+
+def _run_note(figures: dict[str, Any], parts: Sequence[str]) -> dict[str, Any]:
+    keys = ("started_at", "seconds", "load_average_at_start", "load_average_at_end")
+    return {"parts": list(parts), **{k: figures.get(k) for k in keys}}
+
+
+def plan_distinct(quick: bool) -> int:
+    return Plan.choose(quick).distinct_frames
+
+
 async def producer_figures(plan: Plan) -> dict[str, Any]:
     args = argparse.Namespace(
         frames=plan.producer_frames,
@@ -341,14 +469,46 @@ def main() -> None:
     parser.add_argument(
         "--docs", type=Path, help="Markdown report (default docs/performance.md, not for --quick)"
     )
+    parser.add_argument("--scale", action="store_true", help="only the scale part (bench/scale.py)")
+    parser.add_argument(
+        "--peers", action="store_true", help="only the strongest peers and the machine's limit, one run"
+    )
+    parser.add_argument("--deepest", type=int, help="--scale: the deepest backlog (default 200,000)")
+    parser.add_argument("--parts", help=f"--scale: comma-separated parts (default {','.join(scale.PARTS)})")
+    parser.add_argument("--baseline", type=Path, help="--scale: a checkout to run the lane isolation for too")
     args = parser.parse_args()
-    args.output = args.output or RESULTS / ("bench-quick.json" if args.quick else "bench.json")
     docs = args.docs or (None if args.quick else report.DOCS)
+    if args.scale:
+        run_scale_only(args, docs)
+        return
+    if args.peers:
+        run_peers_only(args, docs)
+        return
+    args.output = args.output or RESULTS / ("bench-quick.json" if args.quick else "bench.json")
     result = asyncio.run(bench(args))
+    if not args.quick:
+        log("scale: backlog depth, cameras, replicas, lane isolation")
+        result["scale"] = asyncio.run(scale_bench(args))
     _save(result, args.output)
     plot = args.output.with_suffix(".png")
     report.write(result, plot, docs)
     log(f"written {args.output}, {plot}" + (f" and {docs}" if docs else ""))
+
+
+def run_scale_only(args: argparse.Namespace, docs: Path | None) -> None:
+    """--scale: bench/results/scale[-quick].json, then the report again from the last full run's JSON."""
+    output = args.output or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
+    figures = asyncio.run(scale_bench(args))
+    if args.parts and output.exists():
+        figures = merge_parts(json.loads(output.read_text()), figures, args.parts.split(","))
+    _save(figures, output)
+    log(f"written {output}")
+    if docs is not None and report.RESULTS.exists():
+        result = json.loads(report.RESULTS.read_text())
+        result["scale"] = figures
+        _save(result, report.RESULTS)
+        report.write(result, report.RESULTS.with_suffix(".png"), docs)
+        log(f"written {report.RESULTS} and {docs}")
 
 
 if __name__ == "__main__":

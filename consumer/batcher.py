@@ -1,4 +1,4 @@
-"""Forming batches from received messages: realtime first, redeliveries alone, at most the batch limit.
+"""Forming batches from received messages: realtime first and alone, redeliveries alone, at most the limit.
 
 The batcher holds admitted jobs in lanes and hands out one batch at a time: up to :class:`BatchLimit`
 jobs, waiting at most ``max_wait_s`` after the first for more. A redelivered job (the broker handed it out
@@ -70,10 +70,13 @@ class Batcher:
             await self._work.wait()
         if self._alone and not self._realtime:
             return [self._alone.popleft()]
+        # A realtime batch carries realtime frames only: topped up with bulk it would infer a full batch,
+        # and a realtime frame behind a deep bulk backlog waited for that too (docs/scaling.md).
+        realtime_only = bool(self._realtime)
         batch: list[Job] = []
         deadline = time.monotonic() + self._max_wait_s
         while len(batch) < self.limit.current:
-            job = self._next_shared()
+            job = self._next_shared(realtime_only)
             if job is not None:
                 batch.append(job)
                 continue
@@ -85,10 +88,10 @@ class Batcher:
                 await asyncio.wait_for(self._work.wait(), remaining)
         return batch or [self._alone.popleft()]
 
-    def _next_shared(self) -> Job | None:
+    def _next_shared(self, realtime_only: bool = False) -> Job | None:
         if self._realtime:
             return self._realtime.popleft()
-        if self._bulk:
+        if self._bulk and not realtime_only:
             return self._bulk.popleft()
         return None
 

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dlq": ("detfleet.dlq:main", "list, show, replay, export and purge failed tasks and their DLQ entries"),
     "status": ("detfleet.status:main", "queues, rows, DLQ reasons, consumers and scale advice"),
     "results": ("detfleet.results:main", "result rows, live result events, and the webhook forwarder"),
+    "plan": ("detfleet.plan:main", "replicas, cores, GPUs and broker nodes for N cameras at F fps"),
 }
 
 

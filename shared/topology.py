@@ -233,6 +233,10 @@ def _policies(s: TopologySettings, levels: tuple[str, ...]) -> tuple[PolicySpec,
                 # Publishers get a nack and back off: nothing is dropped silently.
                 "overflow": "reject-publish",
                 "dead-letter-exchange": EXCHANGE_INTAKE,
+                # A night's backlog is deep: RabbitMQ 3.10's default classic mode keeps every body in RAM
+                # until memory pressure pages it out; lazy writes bodies to disk at once (docs/scaling.md).
+                # Quorum queues ignore the key; 3.12+ classic queues behave this way always.
+                "queue-mode": "lazy",
             },
         ),
     )

@@ -72,6 +72,7 @@ class DetfleetPeer:
     max_wait_ms: int = 20
     intra_op_threads: int = 0
     name: str = "detfleet"
+    batches_in_flight: int | None = None  # DETFLEET_BATCHES_IN_FLIGHT; None: the default
     cwd: Path | None = None  # run the detfleet of another tree (``python -m`` imports from the cwd first)
 
     @property
@@ -92,6 +93,8 @@ class DetfleetPeer:
                 "DETFLEET_CONSUMER_ID": f"bench-r{index + 1}",
                 "DETFLEET_INTRA_OP_THREADS": str(self.intra_op_threads),
             }
+            if self.batches_in_flight is not None:
+                variables["DETFLEET_BATCHES_IN_FLIGHT"] = str(self.batches_in_flight)
             log = logs / f"detfleet-r{index + 1}.log"
             processes.append(_spawn(argv, clean_env(**variables), log, self.cwd))
         return processes
@@ -132,10 +135,40 @@ class CeleryPeer:
         await asyncio.to_thread(_celery_publish, env.amqp_url, bodies, count, rate)
 
 
-def _celery_publish(amqp_url: str, bodies: Sequence[bytes], count: int, rate: float | None) -> None:
-    """apply_async as a Celery user would call it: the frame's bytes, its id and the capture time."""
-    from bench.peers.celery_peer import TASK, app
+@dataclass
+class CeleryBatchesPeer:
+    workers: int  # --concurrency
+    name: str = "celery_batches"
 
+    def start(self, env: BenchEnv, model: Path, logs: Path) -> list[subprocess.Popen[bytes]]:
+        from bench.peers.celery_batches_peer import QUEUE
+
+        argv = [sys.executable, "-m", "celery", "-A", "bench.peers.celery_batches_peer", "worker"]
+        argv += ["--concurrency", str(self.workers), "--pool", "prefork", "-Q", QUEUE]
+        argv += ["--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        variables = {"BENCH_AMQP_URL": env.amqp_url, "BENCH_DATABASE_URL": env.database_url}
+        return [_spawn(argv, clean_env(**variables, BENCH_MODEL=str(model)), logs / "celery-batches.log")]
+
+    async def publish(self, env: BenchEnv, bodies: Sequence[bytes], count: int, rate: float | None) -> None:
+        from bench.peers.celery_batches_peer import TASK, app
+
+        await asyncio.to_thread(_celery_publish, env.amqp_url, bodies, count, rate, app, TASK)
+
+
+def _celery_publish(
+    amqp_url: str,
+    bodies: Sequence[bytes],
+    count: int,
+    rate: float | None,
+    app: Any = None,
+    task: str | None = None,
+) -> None:
+    """apply_async as a Celery user would call it: the frame's bytes, its id and the capture time (to the
+    plain Celery peer's app and task unless told)."""
+    if app is None or task is None:
+        from bench.peers.celery_peer import TASK, app
+
+        task = TASK
     app.conf.broker_url = amqp_url
     started = time.monotonic()
     with app.producer_or_acquire() as producer:
@@ -145,7 +178,7 @@ def _celery_publish(amqp_url: str, bodies: Sequence[bytes], count: int, rate: fl
                 time.sleep(delay)  # pacing an open-loop publisher, not synchronisation
             captured = datetime.now(UTC).isoformat()
             body = bodies[index % len(bodies)]
-            app.send_task(TASK, args=[body, str(uuid.uuid4()), captured], producer=producer)
+            app.send_task(task, args=[body, str(uuid.uuid4()), captured], producer=producer)
 
 
 async def stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:

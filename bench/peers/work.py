@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,40 @@ class Processor:
         }
         row["completed_at"] = datetime.now(UTC)
         self._loop.run_until_complete(insert_row(self._conn, row))
+
+    def handle_batch(self, tasks: Sequence[tuple[bytes, str, str]], received_at: datetime) -> None:
+        """(body, task id, captured at) of each task: decode all, one inference for the batch, one INSERT
+        a row in one transaction (celery-batches' peer)."""
+        frames = []
+        for body, *_ in tasks:
+            frame = decode_frame(body, self.detector.info.input_size)
+            if isinstance(frame, str):
+                raise ValueError(frame)
+            frames.append(frame)
+        started = time.perf_counter()
+        results = self.detector.detect(frames)
+        inference_ms = (time.perf_counter() - started) * 1000
+        completed_at = datetime.now(UTC)
+        rows = [
+            {
+                "task_id": uuid.UUID(task_id),
+                "captured_at": datetime.fromisoformat(captured_at),
+                "received_at": received_at,
+                "completed_at": completed_at,
+                "consumer_id": self.consumer_id,
+                "inference_ms": inference_ms,
+                "width": frame.source_size[0],
+                "height": frame.source_size[1],
+                "detections": json.dumps([d.to_json() for d in detections]),
+            }
+            for (_, task_id, captured_at), frame, detections in zip(tasks, frames, results, strict=True)
+        ]
+        self._loop.run_until_complete(self._insert_all(rows))
+
+    async def _insert_all(self, rows: Sequence[dict[str, Any]]) -> None:
+        async with self._conn.transaction():
+            for row in rows:
+                await insert_row(self._conn, row)
 
     def close(self) -> None:
         self._loop.run_until_complete(self._conn.close())

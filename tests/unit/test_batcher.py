@@ -68,8 +68,21 @@ async def test_realtime_goes_first_even_when_bulk_arrived_earlier() -> None:
     for job in [*bulk, *realtime]:
         b.add(job)
 
-    assert await next_batch(b) == [*realtime, bulk[0]]
-    assert await next_batch(b) == bulk[1:]
+    assert await next_batch(b) == realtime
+    assert await next_batch(b) == bulk
+
+
+async def test_a_realtime_batch_is_not_topped_up_with_bulk() -> None:
+    """Behind a deep bulk backlog a realtime frame infers in a batch of realtime frames only, so it does
+    not pay for a full batch of bulk ones (bench/scale.py's lane isolation)."""
+    b, channel = batcher(max_batch=4), FakeChannel()
+    bulk = jobs(channel, 4)
+    realtime = jobs(channel, 1, lane="realtime")
+    for job in [*bulk, *realtime]:
+        b.add(job)
+
+    assert await next_batch(b) == realtime
+    assert await next_batch(b) == bulk
 
 
 async def test_a_redelivery_is_a_batch_of_its_own() -> None:

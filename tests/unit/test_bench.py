@@ -98,6 +98,8 @@ def _model_result(detfleet: float, ceiling: float, celery: float, p99_half: floa
         "broker_ceiling": {"tasks_per_s": 1000.0},
         "celery": figures,
         "seed": dict(figures, tasks_per_s=celery * 2),
+        "celery_batches": dict(figures, tasks_per_s=celery * 1.5),
+        "machine_limit": {"processes": 2, "max_batch": 16, "tasks_per_s": 2 * ceiling},
         "detfleet": {"runs": [runs], "best": best, "best_by_replicas": by_replicas},
         "latency_rate_per_s": 1.0,
         "sweep": sweep,
@@ -111,6 +113,8 @@ def test_ratios_are_keyed_by_what_they_divide() -> None:
     assert ratios["detfleet_over_celery"] == 3.0
     assert ratios["detfleet_over_seed"] == 1.5
     assert ratios["detfleet_over_raw_onnx"] == 0.675
+    assert ratios["detfleet_over_celery_batches"] == 2.0
+    assert ratios["detfleet_over_machine_limit"] == 0.45
 
 
 def test_targets_say_which_are_met_and_when_the_ceiling_rules_celery_out() -> None:
@@ -139,6 +143,13 @@ def test_the_report_has_a_row_per_peer_and_every_ratio(tmp_path: Path) -> None:
         "frames": frames,
         "models": {"default": model},
     }
+    strongest: dict[str, Any] = {
+        name: {"tasks_per_s": 100.0, "paced": {"latency_ms": {"p50": 1.0, "p99": 2.0}}}
+        for name in ("machine_limit", "ceiling", "celery", "celery_batches", "seed", "detfleet")
+    }
+    strongest |= {"started_at": "t", "load_average_at_start": [], "load_average_at_end": [], "frames": 1}
+    strongest |= {"latency_rate_per_s": 1.0, "ratios": {"detfleet_over_celery_batches": 1.0}}
+    model["strongest"] = strongest
     text = report.markdown(result, tmp_path / "bench.png", tmp_path / "docs" / "performance.md")
     for label in report.LABELS.values():
         if label != report.LABELS["detfleet_2"]:  # this result measured one replica count only

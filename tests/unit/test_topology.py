@@ -21,7 +21,13 @@ def test_limits_live_in_policies_never_in_queue_arguments() -> None:
     for queue in topology.queues:
         assert set(queue.arguments) == {"x-queue-type"}
     keys = {key for policy in topology.policies for key in policy.definition}
-    assert keys == {"message-ttl", "max-length", "overflow", "dead-letter-exchange"}
+    assert keys == {"message-ttl", "max-length", "overflow", "dead-letter-exchange", "queue-mode"}
+
+
+def test_only_the_bulk_lane_is_lazy() -> None:
+    """The deep lane keeps its bodies on disk; realtime stays small and in memory for its latency."""
+    lazy = [p.queue for p in Topology.from_settings().policies if p.definition.get("queue-mode") == "lazy"]
+    assert lazy == ["detfleet.bulk"]
 
 
 def test_each_queue_has_at_most_one_policy() -> None:
