@@ -28,7 +28,10 @@ INFERENCE_MS_PER_IMAGE = {1: 4.474, 2: 4.793, 4: 4.278, 8: 4.232, 16: 4.656}  # 
 # Everything else a replica spends per frame: aio-pika receive and ack, batching, the sink's client side,
 # asyncio. From make bench (bench/results/bench.json, one run): 2 replicas at 201.65 frames/s kept 1.77 cores
 # busy, 8.78 ms a frame, less that run's own inference (6.29 ms, batch 16, one thread), decode and letterbox.
-WORKER_OVERHEAD_MS = 0.9
+# Plus the result event a replica publishes per row and waits to see confirmed (docs/results.md: 783 against
+# 1,217 µs of replica CPU a frame without and with events, a fake detector, 2,000 frames, three runs each).
+RESULT_EVENT_MS = 0.43
+WORKER_OVERHEAD_MS = 0.9 + RESULT_EVENT_MS
 # Broker CPU per message (persistent publish with confirm, delivery, ack): a line through the same sizes.
 BROKER_MS_AT = ((17.6, 0.498), (58.7, 0.736))
 SINK_MS_PER_ROW = 0.123  # the worker's batched upsert, statement wall time per row (16-row batches)
@@ -244,7 +247,8 @@ def stage_table() -> list[str]:
     lines.append(f"| letterbox into 320x320 | {LETTERBOX_MS:.3f} |")
     for batch, ms in INFERENCE_MS_PER_IMAGE.items():
         lines.append(f"| inference, batch {batch} (per image) | {ms:.3f} |")
-    lines.append(f"| worker overhead (AMQP client, acks, batching, sink client) | {WORKER_OVERHEAD_MS:.3f} |")
+    overhead = "worker overhead (AMQP client, acks, batching, sink client, result event)"
+    lines.append(f"| {overhead} | {WORKER_OVERHEAD_MS:.3f} |")
     for kb in (1.0, 17.6, 58.7):
         lines.append(f"| broker, {kb:g} KB message (publish, confirm, deliver, ack) | {broker_ms(kb):.3f} |")
     lines.append(f"| sink: batched upsert, per row (statement wall time) | {SINK_MS_PER_ROW:.3f} |")
