@@ -27,6 +27,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
+from shared.broker.nodes import first_that_answers
 from shared.broker.refusals import connect_refusals
 from shared.broker.tls import tls_context
 from shared.errors import (
@@ -156,10 +157,23 @@ class Broker:
         self._connection = connection
         self._publish_channel = publish_channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        self.url = ""  # the node URL this connection reached (one of the setting's list)
 
     @classmethod
     async def connect(cls, url: str, name: str, robust: bool = True, timeout: float = 10.0) -> Broker:
-        """Connect, or raise :class:`BrokerUnavailableError` naming the masked URL."""
+        """Connect to the first node of ``url`` (one AMQP URL or several, comma-separated) that answers,
+        or raise :class:`BrokerUnavailableError` naming the masked URLs.
+
+        A robust connection reconnects to the node it first reached only; detfleet's own processes use
+        ``robust=False`` and reconnect through :meth:`connect` again, which walks every node."""
+
+        async def one(node: str) -> Broker:
+            return await cls._connect_node(node, name, robust, timeout)
+
+        return await first_that_answers(url, one)
+
+    @classmethod
+    async def _connect_node(cls, url: str, name: str, robust: bool, timeout: float) -> Broker:
         context = tls_context(url)
         with translated_errors(f"connect to {mask_url(url)}"), connect_refusals(url):
             connect = aio_pika.connect_robust if robust else aio_pika.connect
@@ -167,7 +181,9 @@ class Broker:
                 url, client_properties={"connection_name": name}, timeout=timeout, ssl_context=context
             )
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(connection, channel)  # type: ignore[arg-type]
+        broker = cls(connection, channel)  # type: ignore[arg-type]
+        broker.url = url
+        return broker
 
     def on_close(self, callback: Callable[[ConnectionLoss], None]) -> None:
         """Call ``callback`` once when the connection closes, for whatever reason."""

@@ -15,6 +15,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from shared.broker.aio import to_message, translated_errors
+from shared.broker.nodes import first_that_answers
 from shared.broker.tls import tls_context
 from shared.errors import BrokerError, BrokerUnavailableError
 from shared.schema import Envelope
@@ -30,10 +31,20 @@ class ConfirmChannel:
         self._connection = connection
         self._channel = channel
         self._exchange = exchange
+        self.url = ""  # the node URL this channel's connection reached
 
     @classmethod
     async def open(cls, url: str, name: str, exchange: str, timeout: float = 10.0) -> ConfirmChannel:
-        """Connect and check that ``exchange`` exists, or raise one of our :class:`BrokerError` types."""
+        """Connect to the first node of ``url`` (one AMQP URL or several, comma-separated) that answers and
+        check that ``exchange`` exists, or raise one of our :class:`BrokerError` types."""
+
+        async def one(node: str) -> ConfirmChannel:
+            return await cls._open_node(node, name, exchange, timeout)
+
+        return await first_that_answers(url, one)
+
+    @classmethod
+    async def _open_node(cls, url: str, name: str, exchange: str, timeout: float) -> ConfirmChannel:
         context = tls_context(url)
         with translated_errors(f"connect to {mask_url(url)}"):
             connection = await aio_pika.connect(
@@ -44,7 +55,9 @@ class ConfirmChannel:
         except BaseException:
             await _close_quietly(connection)
             raise
-        return cls(connection, channel, target)
+        opened = cls(connection, channel, target)
+        opened.url = url
+        return opened
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish and wait for the broker's confirm.
