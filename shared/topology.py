@@ -158,7 +158,7 @@ def _queue_arguments(s: TopologySettings) -> dict[str, Any]:
     if s.queue_type == "quorum":
         return {
             "x-queue-type": "quorum",
-            # High on purpose: in 3.10 every requeue, kill -9 and drain counts toward it (a crash-loop backstop).
+            # High on purpose: in 3.10 every requeue, kill -9 and drain counts toward it (a backstop).
             "x-delivery-limit": s.quorum_delivery_limit,
             # Replicas per queue, fixed at declaration (argument only): 3 survives the loss of any one node.
             # A cluster with fewer nodes gets one replica per node.
