@@ -410,12 +410,17 @@ class PrivateCluster:
 
     def leader_of(self, queue: str, vhost: str = "/") -> PrivateRabbit:
         """The node that leads quorum queue ``queue`` now, as a running node reports it."""
-        asked = self.running()[0]
-        text = asked.ctl("list_queues", "-p", vhost, "name", "leader", "--formatter", "json", "--quiet")
-        for entry in json.loads(text):
-            if entry["name"] == queue:
-                return self.node_named(str(entry["leader"]))
-        raise NodeError(f"{queue} has no leader on {asked.name}")
+        for asked in self.running():  # a node still booting does not answer yet: ask the next
+            try:
+                text = asked.ctl(
+                    "list_queues", "-p", vhost, "name", "leader", "--formatter", "json", "--quiet"
+                )
+            except NodeError:
+                continue
+            for entry in json.loads(text):
+                if entry["name"] == queue:
+                    return self.node_named(str(entry["leader"]))
+        raise NodeError(f"no running node names a leader of {queue}")
 
     def close(self) -> None:
         for node in self.nodes:

@@ -280,17 +280,27 @@ class Soak:
         self._restarting = {"rabbitmq": asyncio.Lock(), "postgres": asyncio.Lock()}
 
     @property
+    def amqp_url(self) -> str:
+        """Where producers and the soak's own checks reach the broker (a cluster soak lists every node)."""
+        return self.servers.rabbit.amqp_url
+
+    @property
+    def database_url(self) -> str:
+        """Where the soak reads rows (a cluster soak names the primary and its standby)."""
+        return self.servers.postgres.url
+
+    @property
     def admin_settings(self) -> AdminSettings:
         return AdminSettings(
-            amqp_url=self.servers.rabbit.amqp_url,
+            amqp_url=self.amqp_url,
             management_url=self.servers.rabbit.management_url,
-            database_url=self.servers.postgres.url,
+            database_url=self.database_url,
         )
 
     async def run(self) -> SoakReport:
         started = time.monotonic()
         await admin.apply_topology(self.admin_settings)
-        await db.migrate(self.servers.postgres.url)
+        await db.migrate(self.database_url)
         model = self._model()
         await self._start_fleet(model)
         monitor = asyncio.create_task(self._monitor())
@@ -404,9 +414,7 @@ class Soak:
     async def _produce(
         self, camera: str, lane: Lane, count: int, frames: list[bytes], bad: list[bytes], rng: random.Random
     ) -> None:
-        settings = ProducerSettings(
-            amqp_url=self.servers.rabbit.amqp_url, producer_name=f"soak-{camera}", lane=lane
-        )
+        settings = ProducerSettings(amqp_url=self.amqp_url, producer_name=f"soak-{camera}", lane=lane)
         interval = self.config.duration_s / max(count, 1)
         loop = asyncio.get_running_loop()
         begin, wall = loop.time(), datetime.now(UTC)
@@ -524,7 +532,7 @@ class Soak:
         queues = [QUEUE_REALTIME, QUEUE_BULK, QUEUE_RETRY_READY, QUEUE_INTAKE]
         queues += list(Topology.from_settings(self.admin_settings).retry_levels)
         try:
-            broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-inspect", robust=False)
+            broker = await Broker.connect(self.amqp_url, "soak-inspect", robust=False)
         except BrokerError:
             return False
         try:
@@ -538,7 +546,7 @@ class Soak:
             await broker.close()
 
     async def _rows(self) -> list[Row]:
-        conn = await asyncpg.connect(self.servers.postgres.url, timeout=10)
+        conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
             records = await conn.fetch("SELECT task_id, status, lane, redeliveries FROM detfleet_results")
         finally:
@@ -546,7 +554,7 @@ class Soak:
         return [Row(r["task_id"], r["status"], r["lane"], r["redeliveries"]) for r in records]
 
     async def _dlq(self) -> list[DlqEntry]:
-        broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-dlq", robust=False)
+        broker = await Broker.connect(self.amqp_url, "soak-dlq", robust=False)
         entries = []
         try:
             async with broker.reading(QUEUE_DLQ) as reader:

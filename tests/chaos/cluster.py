@@ -1,0 +1,432 @@
+"""The cluster soak and the disaster-recovery drill: a 3-node RabbitMQ cluster with quorum queues and a
+Postgres primary with a streaming standby, all private, failing in turn while frames flow.
+
+It is the chaos soak (:mod:`tests.chaos.soak`) on other servers and with other events. The clients are
+given every node (``DETFLEET_AMQP_URL=a,b,c``) and both database hosts with
+``target_session_attrs=read-write``; nothing stands between them and the servers. The events:
+
+- ``kill_lane_leader``: kill -9 of the node leading ``detfleet.bulk`` (restarted once the fleet recovered);
+- ``stop_node``: a graceful stop of a node that leads nothing we know of, restarted after recovery;
+- ``kill_consumer``: kill -9 of a consumer replica (restarted at once);
+- ``database_failover``: the primary fails (kill -9 by default), the standby is promoted; in the soak the
+  old primary comes back as the new standby (``pg_basebackup`` from the new primary).
+
+Each event's recovery time runs from the failure to the next row committed after it. The accounting is the
+chaos soak's: every confirmed task has exactly one row, every failed row one DLQ entry.
+
+    python -m tests.chaos.cluster --drill                          # make drill: under five minutes
+    python -m tests.chaos.cluster --duration 300 --tasks 3000      # make soak's cluster part
+    python -m tests.chaos.cluster --drill --replication async      # the asynchronous comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from shared import db
+from shared.settings import AdminSettings
+from shared.topology import QUEUE_BULK
+from tests.chaos.nodes import LOOPBACK, NodeError, PrivateCluster, PrivatePostgres, free_port
+from tests.chaos.soak import Replica, Soak, SoakConfig, SoakReport, console
+from tests.support.onnx_graphs import write_bright_square_model
+
+Replication = Literal["sync", "async"]
+DatabaseFailure = Literal["kill", "stop"]
+
+DRILL_EVENTS = ("kill_lane_leader", "database_failover")
+SOAK_EVENTS = (
+    "kill_lane_leader",
+    "kill_consumer",
+    "stop_node",
+    "database_failover",
+    "kill_consumer",
+    "kill_lane_leader",
+    "database_failover",
+)
+RECOVERY_LIMIT_S = 120.0  # a bound against a fleet that never recovers, far above the seconds it takes
+COMMIT_PROBE_S = 0.1
+COMMIT_BENCH_S = 3.0
+# completed_at is the consumer's clock at the end of the batch: the harness runs on the same machine.
+_COMPLETED_SINCE = "SELECT count(*) FROM detfleet_results WHERE completed_at > $1"
+
+
+class ClusterServers:
+    """A private 3-node RabbitMQ cluster and a Postgres primary with one streaming standby."""
+
+    def __init__(self, replication: Replication) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="detfleet-cluster-"))
+        self.root.chmod(0o755)  # the postgres user must reach its data directories
+        self.replication = replication
+        self.cluster = PrivateCluster(self.root / "rabbit")
+        self.primary = PrivatePostgres(self.root / "postgres-a")
+        self.standby = PrivatePostgres(self.root / "postgres-b")
+        for server in (self.primary, self.standby):
+            server.fsync = "on"  # commit costs are measured here: a flush must be a real one
+
+    @property
+    def database_url(self) -> str:
+        hosts = ",".join(f"{LOOPBACK}:{p.port}" for p in (self.primary, self.standby))
+        return f"postgresql://postgres@{hosts}/{self.primary.database}?target_session_attrs=read-write"
+
+    def __enter__(self) -> Self:
+        try:
+            self.primary.init()
+            self.primary.start()
+            self.attach_standby()
+            self.cluster.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def attach_standby(self) -> None:
+        """(Re)build the standby from the primary; synchronous replication is then switched on at the
+        primary only, so a promoted standby does not wait for a standby it does not have."""
+        if self.standby.data.exists():
+            shutil.rmtree(self.standby.data)
+        self.standby.init_standby_of(self.primary)
+        self.standby.start()
+        if self.replication == "sync":
+            self.primary.configure(synchronous_standby_names="*", synchronous_commit="on")
+            self.primary.reload()
+
+    def fail_over(self, how: DatabaseFailure) -> None:
+        """The primary fails, the standby is promoted; the roles swap (the old primary stays down)."""
+        if how == "kill":
+            self.primary.kill()
+        else:
+            self.primary.stop()
+        # A standby rebuilt from a synchronous primary copied its standby names: alone, it would wait.
+        self.standby.configure(synchronous_standby_names="")
+        self.standby.reload()
+        self.standby.promote()
+        self.primary, self.standby = self.standby, self.primary
+
+    def close(self) -> None:
+        self.cluster.close()
+        for server in (self.primary, self.standby):
+            try:
+                server.stop()
+            except NodeError:
+                server.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    soak: SoakConfig
+    events: tuple[str, ...]
+    replication: Replication = "sync"
+    database_failure: DatabaseFailure = "kill"
+    rebuild_standby: bool = True  # after a failover, the old primary comes back as the standby
+
+
+@dataclass
+class Event:
+    kind: str
+    at_s: float  # since publishing began
+    target: str
+    recovery_s: float | None  # failure to the next committed row; None: none within the bound
+
+
+@dataclass
+class ClusterReport:
+    soak: SoakReport
+    events: list[Event]
+    replication: Replication
+    commits_per_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.soak.passed and all(e.recovery_s is not None for e in self.events)
+
+
+class ClusterSoak(Soak):
+    def __init__(self, config: ClusterConfig, servers: ClusterServers, work_dir: Path) -> None:
+        super().__init__(config.soak, servers, work_dir)  # type: ignore[arg-type]
+        self.cluster_config = config
+        self.cluster_servers = servers
+        self.events: list[Event] = []
+        self._began = time.monotonic()
+        self._background: list[asyncio.Task[None]] = []
+
+    @property
+    def amqp_url(self) -> str:
+        return self.cluster_servers.cluster.amqp_url
+
+    @property
+    def database_url(self) -> str:
+        return self.cluster_servers.database_url
+
+    @property
+    def admin_settings(self) -> AdminSettings:
+        seed = self.cluster_servers.cluster.nodes[0]
+        return AdminSettings(
+            amqp_url=self.amqp_url,
+            management_url=seed.management_url,
+            database_url=self.database_url,
+            queue_type="quorum",
+        )
+
+    async def _start_fleet(self, model: Path) -> None:
+        log_dir = self.config.log_dir or self.work_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._began = time.monotonic()
+        for index in range(self.config.replicas):
+            name = f"replica-{index + 1}"
+            replica = Replica(name, self._cluster_env(name, model), log_dir / f"{name}.log", self.work_dir)
+            replica.start()
+            self.replicas.append(replica)
+
+    def _cluster_env(self, name: str, model: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DETFLEET_")}
+        return env | {
+            "DETFLEET_AMQP_URL": self.amqp_url,
+            "DETFLEET_DATABASE_URL": self.database_url,
+            "DETFLEET_QUEUE_TYPE": "quorum",
+            "DETFLEET_CONSUMER_ID": name,
+            "DETFLEET_MODEL_PATH": str(model),
+            "DETFLEET_DEVICE": "cpu",
+            "DETFLEET_HEALTH_PORT": str(free_port()),
+            "DETFLEET_INTRA_OP_THREADS": "1",
+            "DETFLEET_DECODE_THREADS": "1",
+            "DETFLEET_LOG_LEVEL": "WARNING",
+            "DETFLEET_SHUTDOWN_GRACE_S": "20",
+        }
+
+    def _schedule(self) -> list[tuple[float, str]]:
+        """The events in the order given, spread evenly over the publishing window."""
+        kinds = self.cluster_config.events
+        span = self.config.duration_s
+        return [(span * (i + 1) / (len(kinds) + 1), kind) for i, kind in enumerate(kinds)]
+
+    async def _chaos_loop(self) -> None:
+        """One event at a time: each waits for the fleet's recovery from the one before."""
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        for at, kind in self._schedule():
+            await asyncio.sleep(max(0.0, begin + at - loop.time()))
+            console.print(f"[yellow]{loop.time() - begin:6.1f} s  event: {kind}[/]")
+            self.chaos[kind] += 1
+            await self._strike(kind)
+        await asyncio.gather(*self._background)
+
+    async def _strike(self, kind: str) -> None:
+        servers = self.cluster_servers
+        failed_at, failed_wall = time.monotonic(), _now()
+        if kind == "kill_lane_leader":
+            node = await asyncio.to_thread(servers.cluster.leader_of, QUEUE_BULK)
+            target = node.name
+            node.kill()
+            after = node.start
+        elif kind == "stop_node":
+            leader = await asyncio.to_thread(servers.cluster.leader_of, QUEUE_BULK)
+            node = next(n for n in reversed(servers.cluster.running()) if n is not leader)
+            target = node.name
+            await asyncio.to_thread(node.stop)
+            after = node.start
+        elif kind == "kill_consumer":
+            index = await self._busy_replica()
+            target = self.replicas[index].name
+            self.kills.append(_now())
+            self.replicas[index].kill()
+            self.replicas[index].start()
+            after = None
+        elif kind == "database_failover":
+            target = f"primary on port {servers.primary.port}"
+            await asyncio.to_thread(servers.fail_over, self.cluster_config.database_failure)
+            after = servers.attach_standby if self.cluster_config.rebuild_standby else None
+        else:
+            raise ValueError(f"unknown event {kind!r}")
+        recovery = await self._next_commit(failed_at, failed_wall)
+        shown = "none" if recovery is None else f"{recovery:.1f} s"
+        console.print(f"           {kind} of {target}: next committed row after {shown}")
+        self.events.append(Event(kind, failed_at - self._began, target, recovery))
+        if after is not None:  # the failed server comes back while traffic goes on
+            self._background.append(asyncio.create_task(asyncio.to_thread(after)))
+
+    async def _rows_completed_since(self, wall: datetime) -> int | None:
+        """Rows of batches completed after ``wall`` that are committed now (None: no primary answers)."""
+        with contextlib.suppress(OSError, asyncpg.PostgresError, TimeoutError):
+            conn = await asyncpg.connect(self.database_url, timeout=2)
+            try:
+                count: int = await conn.fetchval(_COMPLETED_SINCE, wall)
+                return count
+            finally:
+                await conn.close()
+        return None
+
+    async def _next_commit(self, failed_at: float, failed_wall: datetime) -> float | None:
+        """Seconds from the failure until a row of a batch completed after it is committed (polled every
+        0.1 s): a row already on its way when the failure struck does not count as recovery."""
+        while time.monotonic() - failed_at < RECOVERY_LIMIT_S:
+            if await self._rows_completed_since(failed_wall):
+                return time.monotonic() - failed_at
+            await asyncio.sleep(COMMIT_PROBE_S)
+        return None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def commit_rate(url: str, synchronous_commit: str, seconds: float = COMMIT_BENCH_S) -> float:
+    """Single-row commits per second on ``url`` with ``synchronous_commit`` set for the session: the cost
+    a synchronous standby adds to every write transaction (a consumer pays it once per batch)."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS drill_commits (id bigserial PRIMARY KEY, at timestamptz)"
+        )
+        await conn.execute(f"SET synchronous_commit = {synchronous_commit}")
+        done, began = 0, time.monotonic()
+        while time.monotonic() - began < seconds:
+            await conn.execute("INSERT INTO drill_commits (at) VALUES (now())")
+            done += 1
+        await conn.execute("DROP TABLE drill_commits")
+        return done / (time.monotonic() - began)
+    finally:
+        await conn.close()
+
+
+async def run_cluster(config: ClusterConfig) -> ClusterReport:
+    """Start the private cluster and database pair, run, account, and stop everything (also on failure)."""
+    with ClusterServers(config.replication) as servers:
+        work_dir = Path(tempfile.mkdtemp(prefix="work-", dir=servers.root))
+        model = config.soak.model or write_bright_square_model(
+            work_dir / "stand-in.onnx", input_size=(320, 320)
+        )
+        rates = {}
+        if config.replication == "sync":  # both settings on the same pair, before the traffic starts
+            await db.migrate(servers.database_url)
+            rates = {mode: await commit_rate(servers.database_url, mode) for mode in ("on", "local")}
+        soak = ClusterSoak(replace(config, soak=replace(config.soak, model=model)), servers, work_dir)
+        report = await soak.run()
+        return ClusterReport(report, soak.events, config.replication, rates)
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+
+def events_table(report: ClusterReport) -> Table:
+    acc = report.soak.account
+    verdict = "PASSED" if report.passed else "FAILED"
+    table = Table(title=f"detfleet drill ({report.replication} replication): {verdict}")
+    table.add_column("event")
+    table.add_column("at (s)", justify="right")
+    table.add_column("target")
+    table.add_column("recovery (s)", justify="right")
+    for event in report.events:
+        recovery = "none" if event.recovery_s is None else f"{event.recovery_s:.1f}"
+        table.add_row(event.kind, f"{event.at_s:.0f}", event.target, recovery)
+    duplicates = len(acc.strangers) + len(acc.unexplained_duplicates)
+    table.add_section()
+    table.add_row("tasks confirmed", "", "", str(acc.confirmed))
+    table.add_row("rows", "", "", ", ".join(f"{n} {s}" for s, n in sorted(acc.rows_by_status.items())))
+    table.add_row("lost (confirmed, no row)", "", "", str(len(acc.lost)))
+    table.add_row("duplicates (unexplained)", "", "", str(duplicates))
+    table.add_row("failed rows without DLQ entry", "", "", str(len(acc.failed_without_dlq)))
+    table.add_row("redeliveries absorbed", "", "", str(acc.redeliveries_absorbed))
+    for mode, rate in report.commits_per_s.items():
+        table.add_row(f"commits/s, synchronous_commit={mode}", "", "", f"{rate:.0f}")
+    table.add_row("duration (s)", "", "", f"{report.soak.seconds:.0f}")
+    return table
+
+
+def print_report(report: ClusterReport, json_out: Path | None) -> None:
+    for note in report.soak.notes:
+        console.print(f"note: {note}")
+    Console(width=110).print(events_table(report))  # stdout, wide enough for the node names
+    for problem in report.soak.problems():
+        console.print(f"[red]problem: {problem}[/]")
+    if json_out is not None:
+        acc = report.soak.account
+        summary = {
+            "replication": report.replication,
+            "passed": report.passed,
+            "events": [asdict(e) for e in report.events],
+            "confirmed": acc.confirmed,
+            "rows": acc.rows_by_status,
+            "lost": len(acc.lost),
+            "duplicates": len(acc.strangers) + len(acc.unexplained_duplicates),
+            "redeliveries_absorbed": acc.redeliveries_absorbed,
+            "commits_per_s": report.commits_per_s,
+            "seconds": report.soak.seconds,
+            "refused": dict(Counter(report.soak.refused)),
+        }
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.chaos.cluster", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--drill", action="store_true", help="the short drill: leader kill, then failover")
+    parser.add_argument("--duration", type=float, help="seconds of publishing (drill 60, soak 300)")
+    parser.add_argument("--tasks", type=int, help="frames published in all (drill 600, soak 3000)")
+    parser.add_argument("--replication", choices=("sync", "async"), default="sync")
+    parser.add_argument("--database-failure", choices=("kill", "stop"), default="kill")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--log-dir", type=Path, help="keep the replicas' logs here")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    duration = args.duration or (60.0 if args.drill else 300.0)
+    soak = SoakConfig(
+        duration_s=duration,
+        tasks=args.tasks or (600 if args.drill else 3000),
+        seed=args.seed,
+        replicas=2,
+        producers=2,  # one realtime, one bulk
+        log_dir=args.log_dir,
+        drain_limit_s=120.0,
+    )
+    config = ClusterConfig(
+        soak=soak,
+        events=DRILL_EVENTS if args.drill else SOAK_EVENTS,
+        replication=args.replication,
+        database_failure=args.database_failure,
+        rebuild_standby=not args.drill,
+    )
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("aiormq", "aio_pika"):  # every reconnect attempt while a node is away
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    # SIGTERM ends the run through its finally blocks: the private servers stop, their folders go.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    report = asyncio.run(run_cluster(config))
+    print_report(report, args.json)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
