@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import asyncpg
 from rich.console import Console
@@ -119,7 +119,7 @@ class ClusterServers:
     def fail_over(self, how: DatabaseFailure) -> None:
         """The primary fails, the standby is promoted; the roles swap (the old primary stays down)."""
         if how == "kill":
-            self.primary.kill()
+            self.primary.crash()
         else:
             self.primary.stop()
         # A standby rebuilt from a synchronous primary copied its standby names: alone, it would wait.
@@ -331,6 +331,125 @@ async def run_cluster(config: ClusterConfig) -> ClusterReport:
         return ClusterReport(report, soak.events, config.replication, rates)
 
 
+# ---- replication: what a primary's crash loses, what a synchronous standby costs -------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    replication: Replication
+    committed: int  # inserts the client saw commit on the primary before it was killed
+    lost: int  # of those, missing on the promoted standby
+    commits_per_s: float
+
+
+async def _write_until_killed(url: str, writers: int, seconds: float, kill: Any) -> tuple[set[int], float]:
+    """``writers`` connections insert one row per transaction as fast as they can; after ``seconds`` the
+    primary is killed mid-stream. Returns the ids whose commit the client saw succeed, and the rate."""
+    committed: set[int] = set()
+    counter = iter(range(1, 10**9))
+    began = time.monotonic()
+    stop_at = began + seconds
+
+    async def writer() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            while True:
+                row = next(counter)
+                await conn.execute("INSERT INTO drill_rows (id) VALUES ($1)", row)
+                committed.add(row)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
+            return  # the primary died under it (asyncpg reports a socket dying mid-message oddly)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    tasks = [asyncio.create_task(writer()) for _ in range(writers)]
+    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+    rate = len(committed) / (time.monotonic() - began)
+    await asyncio.to_thread(kill)
+    await asyncio.gather(*tasks)
+    return committed, rate
+
+
+async def replication_trial(replication: Replication, seconds: float = 3.0, writers: int = 4) -> Trial:
+    """One primary crash under write load on a fresh pair: kill -9 the primary, promote the standby, count
+    the commits the client saw that the new primary does not have."""
+    pair = await asyncio.to_thread(ClusterServersPair.started, replication)
+    try:
+        conn = await asyncpg.connect(pair.primary.url, timeout=10)
+        try:
+            await conn.execute("CREATE TABLE drill_rows (id bigint PRIMARY KEY)")
+        finally:
+            await conn.close()
+        committed, rate = await _write_until_killed(pair.primary.url, writers, seconds, pair.primary.crash)
+        await asyncio.to_thread(pair.promote_standby)
+        conn = await asyncpg.connect(pair.standby.url, timeout=10)
+        try:
+            present = {r["id"] for r in await conn.fetch("SELECT id FROM drill_rows")}
+        finally:
+            await conn.close()
+        return Trial(replication, len(committed), len(committed - present), rate)
+    finally:
+        await asyncio.to_thread(pair.close)
+
+
+class ClusterServersPair:
+    """Just a Postgres primary and its standby, in a folder of their own, for the replication trials."""
+
+    def __init__(self, replication: Replication) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="detfleet-replication-"))
+        self.root.chmod(0o755)  # the postgres user must reach its data directories
+        self.primary = PrivatePostgres(self.root / "primary", database="postgres")
+        self.standby = PrivatePostgres(self.root / "standby", database="postgres")
+        self.replication = replication
+        for server in (self.primary, self.standby):
+            server.fsync = "on"
+
+    @classmethod
+    def started(cls, replication: Replication) -> ClusterServersPair:
+        pair = cls(replication)
+        try:
+            pair.primary.init()
+            pair.primary.start()
+            pair.standby.init_standby_of(pair.primary)
+            pair.standby.start()
+            if replication == "sync":
+                pair.primary.configure(synchronous_standby_names="*", synchronous_commit="on")
+                pair.primary.reload()
+        except BaseException:
+            pair.close()
+            raise
+        return pair
+
+    def promote_standby(self) -> None:
+        self.standby.configure(synchronous_standby_names="")
+        self.standby.reload()
+        self.standby.promote()
+
+    def close(self) -> None:
+        for server in (self.primary, self.standby):
+            try:
+                server.stop()
+            except NodeError:
+                server.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def replication_table(trials: list[Trial]) -> Table:
+    table = Table(title="primary killed under write load, standby promoted")
+    for column in ("replication", "trial", "commits seen", "lost on the new primary", "commits/s"):
+        table.add_column(column, justify="left" if column == "replication" else "right")
+    for index, trial in enumerate(trials):
+        table.add_row(
+            trial.replication,
+            str(index + 1),
+            str(trial.committed),
+            str(trial.lost),
+            f"{trial.commits_per_s:.0f}",
+        )
+    return table
+
+
 # ---- report -----------------------------------------------------------------------------------------
 
 
@@ -396,11 +515,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--log-dir", type=Path, help="keep the replicas' logs here")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument(
+        "--replication-trials", type=int, metavar="N", help="instead: N primary crashes under load per mode"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.replication_trials:
+        return _replication_trials(args.replication_trials, args.json)
     duration = args.duration or (60.0 if args.drill else 300.0)
     soak = SoakConfig(
         duration_s=duration,
@@ -426,6 +550,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = asyncio.run(run_cluster(config))
     print_report(report, args.json)
     return 0 if report.passed else 1
+
+
+def _replication_trials(count: int, json_out: Path | None) -> int:
+    async def all_trials() -> list[Trial]:
+        return [await replication_trial(mode) for mode in ("sync", "async") for _ in range(count)]
+
+    trials = asyncio.run(all_trials())
+    Console(width=110).print(replication_table(trials))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps([asdict(t) for t in trials], indent=2) + "\n")
+    return 0 if all(t.lost == 0 for t in trials if t.replication == "sync") else 1
 
 
 if __name__ == "__main__":

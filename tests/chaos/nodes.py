@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import psutil
+
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 LOOPBACK = "127.0.0.1"
@@ -342,6 +344,17 @@ class PrivatePostgres:
         if pid_file.exists():
             with contextlib.suppress(ValueError, IndexError, ProcessLookupError):
                 os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGKILL)
+        self.started = False
+
+    def crash(self) -> None:
+        """kill -9 of the postmaster and every process it started, together: what a machine loss does. (A
+        backend outliving its postmaster could still commit, and its WAL would never reach a standby.)"""
+        pid_file = self.data / "postmaster.pid"
+        with contextlib.suppress(ValueError, IndexError, OSError, psutil.Error):
+            postmaster = psutil.Process(int(pid_file.read_text().splitlines()[0]))
+            for process in [postmaster, *postmaster.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGKILL)
         self.started = False
 
 
