@@ -466,7 +466,8 @@ def events_table(report: ClusterReport) -> Table:
         table.add_row(event.kind, f"{event.at_s:.0f}", event.target, recovery)
     duplicates = len(acc.strangers) + len(acc.unexplained_duplicates)
     table.add_section()
-    table.add_row("tasks confirmed", "", "", str(acc.confirmed))
+    lanes = ", ".join(f"{n} {lane}" for lane, n in sorted(acc.confirmed_by_lane.items()))
+    table.add_row("tasks confirmed", "", "", f"{acc.confirmed} ({lanes})")
     table.add_row("rows", "", "", ", ".join(f"{n} {s}" for s, n in sorted(acc.rows_by_status.items())))
     table.add_row("lost (confirmed, no row)", "", "", str(len(acc.lost)))
     table.add_row("duplicates (unexplained)", "", "", str(duplicates))
@@ -491,6 +492,7 @@ def print_report(report: ClusterReport, json_out: Path | None) -> None:
             "passed": report.passed,
             "events": [asdict(e) for e in report.events],
             "confirmed": acc.confirmed,
+            "confirmed_by_lane": acc.confirmed_by_lane,
             "rows": acc.rows_by_status,
             "lost": len(acc.lost),
             "duplicates": len(acc.strangers) + len(acc.unexplained_duplicates),
