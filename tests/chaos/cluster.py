@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,6 +147,17 @@ class ClusterConfig:
     rebuild_standby: bool = True  # after a failover, the old primary comes back as the standby
 
 
+@dataclass(frozen=True)
+class Strike:
+    """One event, aimed: what it hits, the failure (run in a thread), and how the target comes back."""
+
+    target: str
+    fail: Callable[[], None]
+    restore: Callable[[], None] | None = None  # in a thread, while traffic goes on (a server's restart)
+    respawn: Callable[[], None] | None = None  # on the event loop's thread at once (a replica: its death
+    # signal is tied to the thread that spawned it)
+
+
 @dataclass
 class Event:
     kind: str
@@ -238,38 +249,39 @@ class ClusterSoak(Soak):
         await asyncio.gather(*self._background)
 
     async def _strike(self, kind: str) -> None:
-        servers = self.cluster_servers
+        """Aim, fail, and time the recovery: the watch starts with the failure, so a slow action (a graceful
+        stop, a promotion) counts only as long as the fleet really committed nothing."""
+        strike = await self._aim(kind)
         failed_at, failed_wall = time.monotonic(), _now()
+        watch = asyncio.create_task(self._next_commit(failed_at, failed_wall))
+        await asyncio.to_thread(strike.fail)
+        if strike.respawn is not None:
+            strike.respawn()
+        recovery = await watch
+        shown = "none" if recovery is None else f"{recovery:.1f} s"
+        console.print(f"           {kind} of {strike.target}: next committed row after {shown}")
+        self.events.append(Event(kind, failed_at - self._began, strike.target, recovery))
+        if strike.restore is not None:  # the failed server comes back while traffic goes on
+            self._background.append(asyncio.create_task(asyncio.to_thread(strike.restore)))
+
+    async def _aim(self, kind: str) -> Strike:
+        servers = self.cluster_servers
         if kind == "kill_lane_leader":
             node = await asyncio.to_thread(servers.cluster.leader_of, QUEUE_BULK)
-            target = node.name
-            node.kill()
-            after = node.start
-        elif kind == "stop_node":
+            return Strike(node.name, node.kill, restore=node.start)
+        if kind == "stop_node":
             leader = await asyncio.to_thread(servers.cluster.leader_of, QUEUE_BULK)
             node = next(n for n in reversed(servers.cluster.running()) if n is not leader)
-            target = node.name
-            await asyncio.to_thread(node.stop)
-            after = node.start
-        elif kind == "kill_consumer":
-            index = await self._busy_replica()
-            target = self.replicas[index].name
+            return Strike(node.name, node.stop, restore=node.start)
+        if kind == "kill_consumer":
+            replica = self.replicas[await self._busy_replica()]
             self.kills.append(_now())
-            self.replicas[index].kill()
-            self.replicas[index].start()
-            after = None
-        elif kind == "database_failover":
-            target = f"primary on port {servers.primary.port}"
-            await asyncio.to_thread(servers.fail_over, self.cluster_config.database_failure)
-            after = servers.attach_standby if self.cluster_config.rebuild_standby else None
-        else:
-            raise ValueError(f"unknown event {kind!r}")
-        recovery = await self._next_commit(failed_at, failed_wall)
-        shown = "none" if recovery is None else f"{recovery:.1f} s"
-        console.print(f"           {kind} of {target}: next committed row after {shown}")
-        self.events.append(Event(kind, failed_at - self._began, target, recovery))
-        if after is not None:  # the failed server comes back while traffic goes on
-            self._background.append(asyncio.create_task(asyncio.to_thread(after)))
+            return Strike(replica.name, replica.kill, respawn=replica.start)
+        if kind == "database_failover":
+            how = self.cluster_config.database_failure
+            restore = servers.attach_standby if self.cluster_config.rebuild_standby else None
+            return Strike(f"primary on port {servers.primary.port}", lambda: servers.fail_over(how), restore)
+        raise ValueError(f"unknown event {kind!r}")
 
     async def _rows_completed_since(self, wall: datetime) -> int | None:
         """Rows of batches completed after ``wall`` that are committed now (None: no primary answers)."""

@@ -320,10 +320,14 @@ class PrivatePostgres:
 
     def _ctl(self, action: str, *extra: str) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync={self.fsync}"
-        self._as_postgres(
-            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
-            "-t", str(START_LIMIT_S), action, *extra, timeout=START_LIMIT_S + 10,
-        )  # fmt: skip
+        try:
+            self._as_postgres(
+                "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
+                "-t", str(START_LIMIT_S), action, *extra, timeout=START_LIMIT_S + 10,
+            )  # fmt: skip
+        except NodeError as error:  # pg_ctl says "examine the log": the log goes away with the folder
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-5:] if self.log.exists() else []
+            raise NodeError(f"{error}; log: {' | '.join(tail)}") from None
 
     def start(self) -> None:
         self._ctl("start")
@@ -352,9 +356,15 @@ class PrivatePostgres:
         pid_file = self.data / "postmaster.pid"
         with contextlib.suppress(ValueError, IndexError, OSError, psutil.Error):
             postmaster = psutil.Process(int(pid_file.read_text().splitlines()[0]))
-            for process in [postmaster, *postmaster.children(recursive=True)]:
+            processes = [postmaster, *postmaster.children(recursive=True)]
+            for process in processes:
                 with contextlib.suppress(psutil.Error):
                     process.send_signal(signal.SIGKILL)
+            psutil.wait_procs(processes, timeout=STOP_LIMIT_S)
+        # A machine that died comes back with an empty /tmp: the socket and its lock file would otherwise make
+        # the next server on this port refuse to start.
+        for leftover in self.root.glob(f".s.PGSQL.{self.port}*"):
+            leftover.unlink(missing_ok=True)
         self.started = False
 
 
