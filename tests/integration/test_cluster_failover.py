@@ -28,8 +28,11 @@ from consumer.detector.fake import FakeDetector
 from producer.publisher import AsyncPublisher
 from shared import admin, db
 from shared.broker.aio import Broker
+from shared.broker.publishing import ConfirmChannel
+from shared.broker.quarantine import quarantine_undecodable
 from shared.settings import AdminSettings, ProducerSettings
-from tests.chaos.nodes import LOOPBACK, NodeError, PrivatePostgres, PrivateRabbit
+from shared.topology import EXCHANGE_FRAMES, QUEUE_BULK
+from tests.chaos.nodes import LOOPBACK, NodeError, PrivatePostgres, PrivateRabbit, free_port
 from tests.integration.consumer_support import consumer_settings, jpeg, running
 
 pytestmark = pytest.mark.integration
@@ -129,3 +132,19 @@ async def test_gateway_and_worker_move_to_the_next_node_and_follow_the_promoted_
 
     promoted = f"postgresql://postgres@{LOOPBACK}:{servers.standby.port}/{DATABASE}"
     assert found == await row_ids(promoted) == confirmed  # one row per confirmed frame, on the new primary
+
+
+async def test_every_client_skips_a_node_that_does_not_answer(topology_settings: AdminSettings) -> None:
+    """The consumer's and ops' connection, the gateway's confirm channel and the pika sweep all walk the
+    list: a first node nobody listens on is passed over for the shared broker behind it."""
+    live = topology_settings.amqp_url
+    nodes = f"amqp://guest:guest@{LOOPBACK}:{free_port()}/{live.rsplit('/', 1)[1]},{live}"
+
+    broker = await Broker.connect(nodes, "test:walk", robust=False)
+    assert broker.url == live
+    await broker.close()
+    channel = await ConfirmChannel.open(nodes, "test:walk-publish", EXCHANGE_FRAMES)
+    assert channel.url == live
+    await channel.close()
+    report = await asyncio.to_thread(quarantine_undecodable, nodes, [QUEUE_BULK], "")
+    assert report.scanned == 0
