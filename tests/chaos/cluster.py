@@ -8,8 +8,9 @@ given every node (``DETFLEET_AMQP_URL=a,b,c``) and both database hosts with
 - ``kill_lane_leader``: kill -9 of the node leading ``detfleet.bulk`` (restarted once the fleet recovered);
 - ``stop_node``: a graceful stop of a node that leads nothing we know of, restarted after recovery;
 - ``kill_consumer``: kill -9 of a consumer replica (restarted at once);
-- ``database_failover``: the primary fails (kill -9 by default), the standby is promoted; in the soak the
-  old primary comes back as the new standby (``pg_basebackup`` from the new primary).
+- ``database_failover``: the primary fails (kill -9 of all its processes by default), the standby is
+  promoted; ``database_switchover`` the same after a graceful stop (``pg_ctl stop -m fast``). In the soak
+  the old primary comes back as the new standby (``pg_basebackup`` from the new primary).
 
 Each event's recovery time runs from the failure to the next row committed after it. The accounting is the
 chaos soak's: every confirmed task has exactly one row, every failed row one DLQ entry.
@@ -62,7 +63,7 @@ SOAK_EVENTS = (
     "database_failover",
     "kill_consumer",
     "kill_lane_leader",
-    "database_failover",
+    "database_switchover",
 )
 RECOVERY_LIMIT_S = 120.0  # a bound against a fleet that never recovers, far above the seconds it takes
 COMMIT_PROBE_S = 0.1
@@ -277,8 +278,10 @@ class ClusterSoak(Soak):
             replica = self.replicas[await self._busy_replica()]
             self.kills.append(_now())
             return Strike(replica.name, replica.kill, respawn=replica.start)
-        if kind == "database_failover":
-            how = self.cluster_config.database_failure
+        if kind in ("database_failover", "database_switchover"):  # a crash, or a planned stop
+            how: DatabaseFailure = (
+                "stop" if kind == "database_switchover" else self.cluster_config.database_failure
+            )
             restore = servers.attach_standby if self.cluster_config.rebuild_standby else None
             return Strike(f"primary on port {servers.primary.port}", lambda: servers.fail_over(how), restore)
         raise ValueError(f"unknown event {kind!r}")
@@ -559,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("aiormq", "aio_pika"):  # every reconnect attempt while a node is away
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    for telling in ("producer.publisher", "shared.broker.nodes"):  # the gateways' walk over the nodes
+        logging.getLogger(telling).setLevel(logging.INFO)
     # SIGTERM ends the run through its finally blocks: the private servers stop, their folders go.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = asyncio.run(run_cluster(config))

@@ -360,12 +360,25 @@ class PrivatePostgres:
             for process in processes:
                 with contextlib.suppress(psutil.Error):
                     process.send_signal(signal.SIGKILL)
-            psutil.wait_procs(processes, timeout=STOP_LIMIT_S)
+            _wait_gone(processes)
         # A machine that died comes back with an empty /tmp: the socket and its lock file would otherwise make
         # the next server on this port refuse to start.
         for leftover in self.root.glob(f".s.PGSQL.{self.port}*"):
             leftover.unlink(missing_ok=True)
         self.started = False
+
+
+def _wait_gone(processes: list[psutil.Process]) -> None:
+    """Until every process has exited; a zombie counts (nothing may reap it here: PID 1 need not)."""
+    deadline = time.monotonic() + STOP_LIMIT_S
+    for process in processes:
+        while time.monotonic() < deadline:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
 
 
 class PrivateServers:

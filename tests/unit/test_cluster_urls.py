@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from shared.broker.nodes import first_that_answers
-from shared.errors import BrokerRefusedError, BrokerUnavailableError, SettingsError
+from shared.errors import (
+    BrokerError,
+    BrokerRefusedError,
+    BrokerUnavailableError,
+    PublishTimeoutError,
+    SettingsError,
+)
 from shared.settings import (
     ConsumerSettings,
     ProducerSettings,
@@ -103,3 +109,23 @@ async def test_one_node_keeps_its_own_error() -> None:
 
     with pytest.raises(BrokerUnavailableError, match=r"^amqp://a/: unreachable \(refused\)$"):
         await first_that_answers("amqp://a/", connect)
+
+
+async def test_a_node_that_fails_part_way_is_passed_over() -> None:
+    async def connect(url: str) -> str:
+        if url.startswith("amqp://a"):
+            raise PublishTimeoutError(f"{url}: no answer from the broker in time")
+        return url
+
+    assert await first_that_answers("amqp://a/,amqp://b/", connect) == "amqp://b/"
+
+
+async def test_when_every_node_fails_a_cause_other_than_unavailability_is_kept() -> None:
+    async def connect(url: str) -> str:
+        if url.startswith("amqp://a"):
+            raise BrokerUnavailableError(f"{url}: unreachable")
+        raise BrokerError(f"{url}: exchange 'detfleet.frames' not found")
+
+    with pytest.raises(BrokerError, match="not found") as caught:
+        await first_that_answers("amqp://a/,amqp://b/", connect)
+    assert not isinstance(caught.value, BrokerUnavailableError)
