@@ -172,6 +172,7 @@ class ClusterReport:
     soak: SoakReport
     events: list[Event]
     replication: Replication
+    drill: bool
     commits_per_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -343,7 +344,7 @@ async def run_cluster(config: ClusterConfig) -> ClusterReport:
             rates = {mode: await commit_rate(servers.database_url, mode) for mode in ("on", "local")}
         soak = ClusterSoak(replace(config, soak=replace(config.soak, model=model)), servers, work_dir)
         report = await soak.run()
-        return ClusterReport(report, soak.events, config.replication, rates)
+        return ClusterReport(report, soak.events, config.replication, config.events == DRILL_EVENTS, rates)
 
 
 # ---- replication: what a primary's crash loses, what a synchronous standby costs -------------------
@@ -471,7 +472,8 @@ def replication_table(trials: list[Trial]) -> Table:
 def events_table(report: ClusterReport) -> Table:
     acc = report.soak.account
     verdict = "PASSED" if report.passed else "FAILED"
-    table = Table(title=f"detfleet drill ({report.replication} replication): {verdict}")
+    name = "drill" if report.drill else "cluster soak"
+    table = Table(title=f"detfleet {name} ({report.replication} replication): {verdict}")
     table.add_column("event")
     table.add_column("at (s)", justify="right")
     table.add_column("target")
@@ -562,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("aiormq", "aio_pika"):  # every reconnect attempt while a node is away
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    for telling in ("producer.publisher", "shared.broker.nodes"):  # the gateways' walk over the nodes
+    for telling in ("producer.publisher", "shared.broker.nodes", "shared.broker.publishing"):  # the walk
         logging.getLogger(telling).setLevel(logging.INFO)
     # SIGTERM ends the run through its finally blocks: the private servers stop, their folders go.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
