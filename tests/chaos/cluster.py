@@ -69,7 +69,11 @@ RECOVERY_LIMIT_S = 120.0  # a bound against a fleet that never recovers, far abo
 COMMIT_PROBE_S = 0.1
 COMMIT_BENCH_S = 3.0
 # completed_at is the consumer's clock at the end of the batch: the harness runs on the same machine.
-_COMPLETED_SINCE = "SELECT count(*) FROM detfleet_results WHERE completed_at > $1"
+# captured_at is the frame's planned capture time, set by the soak's gateways just before they publish it.
+_SINCE = (
+    "SELECT count(*) FILTER (WHERE completed_at > $1) AS completed,"
+    " count(*) FILTER (WHERE captured_at > $1) AS captured FROM detfleet_results"
+)
 
 
 class ClusterServers:
@@ -165,6 +169,7 @@ class Event:
     at_s: float  # since publishing began
     target: str
     recovery_s: float | None  # failure to the next committed row; None: none within the bound
+    new_frame_s: float | None  # failure to the row of the first frame captured after it
 
 
 @dataclass
@@ -177,7 +182,7 @@ class ClusterReport:
 
     @property
     def passed(self) -> bool:
-        return self.soak.passed and all(e.recovery_s is not None for e in self.events)
+        return self.soak.passed and all(None not in (e.recovery_s, e.new_frame_s) for e in self.events)
 
 
 class ClusterSoak(Soak):
@@ -259,10 +264,10 @@ class ClusterSoak(Soak):
         await asyncio.to_thread(strike.fail)
         if strike.respawn is not None:
             strike.respawn()
-        recovery = await watch
+        recovery, new_frames = await watch
         shown = "none" if recovery is None else f"{recovery:.1f} s"
         console.print(f"           {kind} of {strike.target}: next committed row after {shown}")
-        self.events.append(Event(kind, failed_at - self._began, strike.target, recovery))
+        self.events.append(Event(kind, failed_at - self._began, strike.target, recovery, new_frames))
         if strike.restore is not None:  # the failed server comes back while traffic goes on
             self._background.append(asyncio.create_task(asyncio.to_thread(strike.restore)))
 
@@ -287,25 +292,35 @@ class ClusterSoak(Soak):
             return Strike(f"primary on port {servers.primary.port}", lambda: servers.fail_over(how), restore)
         raise ValueError(f"unknown event {kind!r}")
 
-    async def _rows_completed_since(self, wall: datetime) -> int | None:
-        """Rows of batches completed after ``wall`` that are committed now (None: no primary answers)."""
+    async def _rows_since(self, wall: datetime) -> tuple[int, int] | None:
+        """Committed rows of batches completed after ``wall``, and of frames captured after it (None: no
+        primary answers)."""
         with contextlib.suppress(OSError, asyncpg.PostgresError, TimeoutError):
             conn = await asyncpg.connect(self.database_url, timeout=2)
             try:
-                count: int = await conn.fetchval(_COMPLETED_SINCE, wall)
-                return count
+                record = await conn.fetchrow(_SINCE, wall)
+                return (int(record["completed"]), int(record["captured"])) if record else None
             finally:
                 await conn.close()
         return None
 
-    async def _next_commit(self, failed_at: float, failed_wall: datetime) -> float | None:
-        """Seconds from the failure until a row of a batch completed after it is committed (polled every
-        0.1 s): a row already on its way when the failure struck does not count as recovery."""
+    async def _next_commit(
+        self, failed_at: float, failed_wall: datetime
+    ) -> tuple[float | None, float | None]:
+        """Seconds from the failure until a row of a batch completed after it is committed, and until the
+        row of a frame captured after it is (polled every 0.1 s). The first is the fleet's pause (a batch
+        already on its way when the failure struck does not count); the second the whole path's, gateways'
+        reconnects included."""
+        first_commit: float | None = None
         while time.monotonic() - failed_at < RECOVERY_LIMIT_S:
-            if await self._rows_completed_since(failed_wall):
-                return time.monotonic() - failed_at
+            counts = await self._rows_since(failed_wall)
+            elapsed = time.monotonic() - failed_at
+            if counts is not None and counts[0] and first_commit is None:
+                first_commit = elapsed
+            if counts is not None and counts[1]:
+                return first_commit if first_commit is not None else elapsed, elapsed
             await asyncio.sleep(COMMIT_PROBE_S)
-        return None
+        return first_commit, None
 
 
 def _now() -> datetime:
@@ -478,9 +493,12 @@ def events_table(report: ClusterReport) -> Table:
     table.add_column("at (s)", justify="right")
     table.add_column("target")
     table.add_column("recovery (s)", justify="right")
+    table.add_column("first new frame (s)", justify="right")
     for event in report.events:
-        recovery = "none" if event.recovery_s is None else f"{event.recovery_s:.1f}"
-        table.add_row(event.kind, f"{event.at_s:.0f}", event.target, recovery)
+        recovery, new_frame = (
+            "none" if value is None else f"{value:.1f}" for value in (event.recovery_s, event.new_frame_s)
+        )
+        table.add_row(event.kind, f"{event.at_s:.0f}", event.target, recovery, new_frame)
     duplicates = len(acc.strangers) + len(acc.unexplained_duplicates)
     table.add_section()
     lanes = ", ".join(f"{n} {lane}" for lane, n in sorted(acc.confirmed_by_lane.items()))
