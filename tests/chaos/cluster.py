@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +45,6 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from shared import db
 from shared.settings import AdminSettings
 from shared.topology import QUEUE_BULK
 from tests.chaos.nodes import LOOPBACK, NodeError, PrivateCluster, PrivatePostgres, free_port
@@ -67,7 +66,6 @@ SOAK_EVENTS = (
 )
 RECOVERY_LIMIT_S = 120.0  # a bound against a fleet that never recovers, far above the seconds it takes
 COMMIT_PROBE_S = 0.1
-COMMIT_BENCH_S = 3.0
 # completed_at is the consumer's clock at the end of the batch: the harness runs on the same machine.
 # captured_at is the frame's planned capture time, set by the soak's gateways just before they publish it.
 _SINCE = (
@@ -178,7 +176,6 @@ class ClusterReport:
     events: list[Event]
     replication: Replication
     drill: bool
-    commits_per_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -327,25 +324,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def commit_rate(url: str, synchronous_commit: str, seconds: float = COMMIT_BENCH_S) -> float:
-    """Single-row commits per second on ``url`` with ``synchronous_commit`` set for the session: the cost
-    a synchronous standby adds to every write transaction (a consumer pays it once per batch)."""
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS drill_commits (id bigserial PRIMARY KEY, at timestamptz)"
-        )
-        await conn.execute(f"SET synchronous_commit = {synchronous_commit}")
-        done, began = 0, time.monotonic()
-        while time.monotonic() - began < seconds:
-            await conn.execute("INSERT INTO drill_commits (at) VALUES (now())")
-            done += 1
-        await conn.execute("DROP TABLE drill_commits")
-        return done / (time.monotonic() - began)
-    finally:
-        await conn.close()
-
-
 async def run_cluster(config: ClusterConfig) -> ClusterReport:
     """Start the private cluster and database pair, run, account, and stop everything (also on failure)."""
     with ClusterServers(config.replication) as servers:
@@ -353,13 +331,9 @@ async def run_cluster(config: ClusterConfig) -> ClusterReport:
         model = config.soak.model or write_bright_square_model(
             work_dir / "stand-in.onnx", input_size=(320, 320)
         )
-        rates = {}
-        if config.replication == "sync":  # both settings on the same pair, before the traffic starts
-            await db.migrate(servers.database_url)
-            rates = {mode: await commit_rate(servers.database_url, mode) for mode in ("on", "local")}
         soak = ClusterSoak(replace(config, soak=replace(config.soak, model=model)), servers, work_dir)
         report = await soak.run()
-        return ClusterReport(report, soak.events, config.replication, config.events == DRILL_EVENTS, rates)
+        return ClusterReport(report, soak.events, config.replication, config.events == DRILL_EVENTS)
 
 
 # ---- replication: what a primary's crash loses, what a synchronous standby costs -------------------
@@ -508,8 +482,6 @@ def events_table(report: ClusterReport) -> Table:
     table.add_row("duplicates (unexplained)", "", "", str(duplicates))
     table.add_row("failed rows without DLQ entry", "", "", str(len(acc.failed_without_dlq)))
     table.add_row("redeliveries absorbed", "", "", str(acc.redeliveries_absorbed))
-    for mode, rate in report.commits_per_s.items():
-        table.add_row(f"commits/s, synchronous_commit={mode}", "", "", f"{rate:.0f}")
     table.add_row("duration (s)", "", "", f"{report.soak.seconds:.0f}")
     return table
 
@@ -517,7 +489,7 @@ def events_table(report: ClusterReport) -> Table:
 def print_report(report: ClusterReport, json_out: Path | None) -> None:
     for note in report.soak.notes:
         console.print(f"note: {note}")
-    Console(width=110).print(events_table(report))  # stdout, wide enough for the node names
+    Console(width=140).print(events_table(report))  # stdout, wide enough for the node names
     for problem in report.soak.problems():
         console.print(f"[red]problem: {problem}[/]")
     if json_out is not None:
@@ -532,7 +504,6 @@ def print_report(report: ClusterReport, json_out: Path | None) -> None:
             "lost": len(acc.lost),
             "duplicates": len(acc.strangers) + len(acc.unexplained_duplicates),
             "redeliveries_absorbed": acc.redeliveries_absorbed,
-            "commits_per_s": report.commits_per_s,
             "seconds": report.soak.seconds,
             "refused": dict(Counter(report.soak.refused)),
         }
