@@ -67,6 +67,13 @@ SOAK_EVENTS = (
 RECOVERY_LIMIT_S = 120.0  # a bound against a fleet that never recovers, far above the seconds it takes
 COMMIT_PROBE_S = 0.1
 # completed_at is the consumer's clock at the end of the batch: the harness runs on the same machine.
+_PROBE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 # captured_at is the frame's planned capture time, set by the soak's gateways just before they publish it.
 _SINCE = (
     "SELECT count(*) FILTER (WHERE completed_at > $1) AS completed,"
@@ -292,7 +299,8 @@ class ClusterSoak(Soak):
     async def _rows_since(self, wall: datetime) -> tuple[int, int] | None:
         """Committed rows of batches completed after ``wall``, and of frames captured after it (None: no
         primary answers)."""
-        with contextlib.suppress(OSError, asyncpg.PostgresError, TimeoutError):
+        # A primary that dies under the probe can leave asyncpg reporting its half-read reply oddly.
+        with contextlib.suppress(*_PROBE_ERRORS):
             conn = await asyncpg.connect(self.database_url, timeout=2)
             try:
                 record = await conn.fetchrow(_SINCE, wall)
@@ -362,8 +370,8 @@ async def _write_until_killed(url: str, writers: int, seconds: float, kill: Any)
                 row = next(counter)
                 await conn.execute("INSERT INTO drill_rows (id) VALUES ($1)", row)
                 committed.add(row)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
-            return  # the primary died under it (asyncpg reports a socket dying mid-message oddly)
+        except _PROBE_ERRORS:
+            return  # the primary died under it
         finally:
             with contextlib.suppress(Exception):
                 await conn.close()
