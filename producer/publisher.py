@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import random
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -184,11 +185,13 @@ class _Link:
             try:
                 channel = await self._connect()
             except BrokerError as error:
-                logger.info("Reconnect to %s failed (%s); next try in %.1f s", self._url, error, delay)
-                await asyncio.sleep(delay)
+                # Jitter: gateways that lost the same node must not all knock on the next one together.
+                wait = delay + random.uniform(0, RECONNECT_FIRST_S)
+                logger.info("Reconnect to %s failed (%s); next try in %.1f s", self._url, error, wait)
+                await asyncio.sleep(wait)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            logger.info("Reconnected to %s", self._url)
+            logger.info("Reconnected to %s", mask_url(channel.url) or self._url)
             self._attach(channel)
             return
 

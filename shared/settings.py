@@ -39,16 +39,32 @@ def shipped_model_path() -> Path:
     return in_wheel if in_wheel.exists() else root / "models" / SHIPPED_MODEL_NAME
 
 
+def amqp_node_urls(value: str) -> list[str]:
+    """The node URLs of an AMQP setting: one URL, or several separated by commas (a cluster), in order."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``****``, for logs, errors and ``--help``."""
+    """The URL with its password replaced by ``****``, for logs, errors and ``--help``.
+
+    Handles the two lists a setting may hold: AMQP node URLs separated by commas, and a libpq multi-host
+    URL (``postgresql://user:pw@h1:5432,h2:5432/db``), whose hosts after the first carry no password."""
+    return ",".join(_mask_one(part) if "://" in part else part for part in url.split(","))
+
+
+def _mask_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rsplit("@", 1)[1]  # keeps the port as written (or absent)
     netloc = f"{parts.username}:****@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def database_hosts(url: str) -> list[str]:
+    """The ``host:port`` entries of a Postgres URL: one, or several for a primary and its standbys."""
+    netloc = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    return [host for host in netloc.split(",") if host]
 
 
 def _check_scheme(url: str, schemes: Iterable[str]) -> str:
@@ -74,6 +90,14 @@ def _check_certificate_files(url: str, params: Iterable[str]) -> str:
     return url
 
 
+def _check_read_write_target(url: str) -> None:
+    """Several database hosts must say which to pick: without ``target_session_attrs=read-write`` a
+    client could land on a read-only standby and every write would fail."""
+    attrs = dict(parse_qsl(urlsplit(url).query)).get("target_session_attrs")
+    if attrs not in ("read-write", "primary"):
+        raise ValueError("several database hosts need ?target_session_attrs=read-write on the URL")
+
+
 class DetfleetSettings(BaseSettings):
     """Fields every process has: where the broker, its management API and the database are, and logging."""
 
@@ -81,7 +105,10 @@ class DetfleetSettings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=ENV_FILE, extra="ignore", frozen=True, validate_default=True
     )
 
-    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ AMQP URL; the path is the vhost")
+    amqp_url: str = Field(
+        DEFAULT_AMQP_URL,
+        description="RabbitMQ AMQP URL, the path is the vhost; a cluster: node URLs separated by commas",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log threshold")
     log_json: bool | None = Field(
         None, description="JSON lines on stderr; unset: text on a terminal, JSON otherwise"
@@ -96,9 +123,19 @@ class DetfleetSettings(BaseSettings):
     @field_validator("amqp_url", "management_url", "database_url", check_fields=False)
     @classmethod
     def _valid_url(cls, value: str, info: Any) -> str:
-        _check_scheme(value, cls._url_schemes[info.field_name])
+        # Several AMQP node URLs (a cluster) are each checked; they must all name the same vhost.
+        urls = amqp_node_urls(value) if info.field_name == "amqp_url" else [value]
+        if not urls:
+            raise ValueError("expected a URL like amqp://user:password@host:port/...")
         params = {"amqp_url": AMQP_CERTIFICATE_PARAMS, "database_url": DATABASE_CERTIFICATE_PARAMS}
-        return _check_certificate_files(value, params.get(info.field_name, ()))
+        for url in urls:
+            _check_scheme(url, cls._url_schemes[info.field_name])
+            _check_certificate_files(url, params.get(info.field_name, ()))
+        if len({urlsplit(url).path.rstrip("/") or "/" for url in urls}) > 1:
+            raise ValueError("every node URL must name the same vhost (the path)")
+        if info.field_name == "database_url" and len(database_hosts(value)) > 1:
+            _check_read_write_target(value)
+        return value
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every password masked: what start-up logs."""
@@ -120,6 +157,9 @@ class TopologySettings(DetfleetSettings):
         (1_000, 10_000, 60_000), min_length=1, description="Delay of each retry level, JSON list"
     )
     quorum_delivery_limit: int = Field(1_000, gt=0, description="Quorum queues only: crash-loop backstop")
+    quorum_initial_group_size: int = Field(
+        3, ge=1, description="Quorum queues only: replicas of each queue (at most one per node)"
+    )
 
     @field_validator("retry_delays_ms")
     @classmethod
@@ -177,7 +217,10 @@ class ProducerSettings(DetfleetSettings):
 class ConsumerSettings(TopologySettings):
     """A worker replica: ``detfleet consume``."""
 
-    database_url: str = Field(DEFAULT_DATABASE_URL, description="Postgres URL of the results table")
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="Postgres URL of the results table; h1:p,h2:p?target_session_attrs=read-write fails over",
+    )
     consumer_id: str = Field(default_factory=socket.gethostname, description="Stored on every row")
     max_batch: int = Field(16, gt=0, le=1024, description="Largest inference batch")
     max_wait_ms: int = Field(20, ge=0, description="How long a partial batch waits for more frames")

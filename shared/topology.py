@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from shared.settings import TopologySettings
+from shared.settings import TopologySettings, amqp_node_urls
 
 EXCHANGE_FRAMES = "detfleet.frames"
 QUEUE_REALTIME = "detfleet.realtime"
@@ -47,8 +47,9 @@ def retry_level_name(delay_ms: int) -> str:
 
 
 def vhost_of(amqp_url: str) -> str:
-    """The vhost an AMQP URL names: its path without the leading slash, ``/`` when empty."""
-    path = urlsplit(amqp_url).path
+    """The vhost an AMQP URL names: its path without the leading slash, ``/`` when empty (the first node's,
+    for a list of node URLs: settings hold them all to the same vhost)."""
+    path = urlsplit((amqp_node_urls(amqp_url) or [amqp_url])[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
@@ -206,9 +207,26 @@ class Topology:
 def _queue_arguments(s: TopologySettings) -> dict[str, Any]:
     # x-queue-type cannot be set by a policy; changing it means drain, delete, recreate (docs/operations.md).
     if s.queue_type == "quorum":
-        # High on purpose: in 3.10 every requeue, kill -9 and drain counts toward it (a crash-loop backstop).
-        return {"x-queue-type": "quorum", "x-delivery-limit": s.quorum_delivery_limit}
+        return {
+            "x-queue-type": "quorum",
+            # High on purpose: in 3.10 every requeue, kill -9 and drain counts toward it (a backstop).
+            "x-delivery-limit": s.quorum_delivery_limit,
+            # Replicas per queue, fixed at declaration (argument only): 3 survives the loss of any one node.
+            # A cluster with fewer nodes gets one replica per node.
+            "x-quorum-initial-group-size": s.quorum_initial_group_size,
+        }
     return {"x-queue-type": "classic"}
+
+
+def _dead_lettering(s: TopologySettings) -> dict[str, Any]:
+    """Policy keys that make a quorum queue dead-letter at least once (docs/disaster-recovery.md).
+
+    RabbitMQ 3.10 dead-letters at most once by default: a message expired or dropped while the node moving
+    it fails is gone. ``at-least-once`` keeps it in the source queue until the target confirms it, and is
+    honoured only with ``overflow: reject-publish``; classic queues have only at-most-once."""
+    if s.queue_type != "quorum":
+        return {}
+    return {"overflow": "reject-publish", "dead-letter-strategy": "at-least-once"}
 
 
 def _policies(s: TopologySettings, levels: tuple[str, ...]) -> tuple[PolicySpec, ...]:
@@ -219,7 +237,9 @@ def _policies(s: TopologySettings, levels: tuple[str, ...]) -> tuple[PolicySpec,
             {
                 "message-ttl": s.realtime_ttl_ms,
                 "max-length": s.realtime_max_length,
-                # The newest frames win: a full realtime lane pushes its oldest into the intake.
+                # The newest frames win: a full realtime lane pushes its oldest into the intake. drop-head
+                # rules out at-least-once dead-lettering on quorum queues: what a node failure can cost here
+                # is in docs/disaster-recovery.md.
                 "overflow": "drop-head",
                 "dead-letter-exchange": EXCHANGE_INTAKE,
             },
@@ -237,14 +257,17 @@ def _policies(s: TopologySettings, levels: tuple[str, ...]) -> tuple[PolicySpec,
                 # until memory pressure pages it out; lazy writes bodies to disk at once (docs/scaling.md).
                 # Quorum queues ignore the key; 3.12+ classic queues behave this way always.
                 "queue-mode": "lazy",
+                **_dead_lettering(s),
             },
         ),
     )
+    # A retry level holds a task only for its delay, then dead-letters it back: losing it there would lose a
+    # task whose message was already acked, so on quorum queues that move is at-least-once too.
     retries = tuple(
         PolicySpec(
             POLICY_PREFIX + level.removeprefix("detfleet."),
             level,
-            {"message-ttl": delay, "dead-letter-exchange": EXCHANGE_RETRY_READY},
+            {"message-ttl": delay, "dead-letter-exchange": EXCHANGE_RETRY_READY, **_dead_lettering(s)},
         )
         for level, delay in zip(levels, s.retry_delays_ms, strict=True)
     )

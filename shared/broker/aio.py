@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,6 +27,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
+from shared.broker.nodes import first_that_answers
 from shared.broker.refusals import connect_refusals
 from shared.broker.tls import tls_context
 from shared.errors import (
@@ -156,10 +157,23 @@ class Broker:
         self._connection = connection
         self._publish_channel = publish_channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        self.url = ""  # the node URL this connection reached (one of the setting's list)
 
     @classmethod
     async def connect(cls, url: str, name: str, robust: bool = True, timeout: float = 10.0) -> Broker:
-        """Connect, or raise :class:`BrokerUnavailableError` naming the masked URL."""
+        """Connect to the first node of ``url`` (one AMQP URL or several, comma-separated) that answers,
+        or raise :class:`BrokerUnavailableError` naming the masked URLs.
+
+        A robust connection reconnects to the node it first reached only; detfleet's own processes use
+        ``robust=False`` and reconnect through :meth:`connect` again, which walks every node."""
+
+        async def one(node: str) -> Broker:
+            return await cls._connect_node(node, name, robust, timeout)
+
+        return await first_that_answers(url, one)
+
+    @classmethod
+    async def _connect_node(cls, url: str, name: str, robust: bool, timeout: float) -> Broker:
         context = tls_context(url)
         with translated_errors(f"connect to {mask_url(url)}"), connect_refusals(url):
             connect = aio_pika.connect_robust if robust else aio_pika.connect
@@ -167,7 +181,9 @@ class Broker:
                 url, client_properties={"connection_name": name}, timeout=timeout, ssl_context=context
             )
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(connection, channel)  # type: ignore[arg-type]
+        broker = cls(connection, channel)  # type: ignore[arg-type]
+        broker.url = url
+        return broker
 
     def on_close(self, callback: Callable[[ConnectionLoss], None]) -> None:
         """Call ``callback`` once when the connection closes, for whatever reason."""
@@ -261,13 +277,15 @@ class Broker:
             tag = await source.consume(on_message)
         return Subscription(channel, source, tag)
 
-    async def bind(self, exchange: str, keys: Sequence[str], queue: str) -> None:
-        """Declare the durable ``queue`` if missing and bind it to ``exchange`` with each of ``keys``: it
-        keeps what arrives until somebody reads it (:meth:`reading`)."""
+    async def bind(
+        self, exchange: str, keys: Sequence[str], queue: str, arguments: Mapping[str, Any] | None = None
+    ) -> None:
+        """Declare the durable ``queue`` (with ``arguments``) if missing and bind it to ``exchange`` with each
+        of ``keys``: it keeps what arrives until somebody reads it (:meth:`reading`)."""
         with translated_errors(f"bind {queue} to {exchange}"):
             channel = await self._connection.channel()
             try:
-                await _bound_queue(channel, exchange, keys, queue)
+                await _bound_queue(channel, exchange, keys, queue, arguments)
             finally:
                 await channel.close()
 
@@ -335,12 +353,16 @@ class Broker:
 
 
 async def _bound_queue(
-    channel: AbstractChannel, exchange: str, keys: Sequence[str], queue: str | None
+    channel: AbstractChannel,
+    exchange: str,
+    keys: Sequence[str],
+    queue: str | None,
+    arguments: Mapping[str, Any] | None = None,
 ) -> AbstractQueue:
     if queue is None:
         source = await channel.declare_queue(exclusive=True, auto_delete=True)
     else:
-        source = await channel.declare_queue(queue, durable=True)
+        source = await channel.declare_queue(queue, durable=True, arguments=dict(arguments or {}))
     for key in keys:
         await source.bind(exchange, key)
     return source

@@ -40,7 +40,7 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.schema import BROKER_DEATH_HEADERS
-from shared.settings import mask_url
+from shared.settings import amqp_node_urls, mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def quarantine_undecodable(
     :class:`~shared.errors.BrokerError`; then the broker requeues whatever was still held.
     """
     with _translated_errors(f"quarantine sweep on {mask_url(amqp_url)}"):
-        connection = pika.BlockingConnection(_parameters(amqp_url))
+        # pika walks a list of parameters itself: the first node that answers takes the sweep.
+        connection = pika.BlockingConnection([_parameters(url) for url in amqp_node_urls(amqp_url)])
         try:
             channel = connection.channel()
             channel.confirm_delivery()

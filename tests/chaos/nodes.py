@@ -10,17 +10,22 @@ stopped and their folders removed on the way out, even when the harness failed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import psutil
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -67,9 +72,10 @@ class PrivateRabbit:
     signed by ``tls.ca`` there (``fail_if_no_peer_cert``).
     """
 
-    def __init__(self, root: Path, tls: ServerTls | None = None) -> None:
+    def __init__(self, root: Path, tls: ServerTls | None = None, cookie: str | None = None) -> None:
         self.root = root
         self.tls = tls
+        self.cookie = cookie  # the Erlang cookie nodes of one cluster share; None: the node makes its own
         self.amqps_port = free_port()
         self.name = f"soak-{os.getpid()}-{root.name[-6:]}@localhost"
         self.amqp_port = free_port()
@@ -90,6 +96,10 @@ class PrivateRabbit:
     def _environment(self) -> dict[str, str]:
         for folder in ("home", "mnesia", "log"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        if self.cookie is not None:  # rabbitmq-server and rabbitmqctl both read it from $HOME
+            cookie = self.root / "home" / ".erlang.cookie"
+            cookie.write_text(self.cookie)
+            cookie.chmod(0o400)
         config = self.root / "rabbitmq.conf"
         config.write_text(self._config_text())
         plugins = self.root / "enabled_plugins"
@@ -139,7 +149,8 @@ class PrivateRabbit:
     def _plugins_text(self) -> str:
         return "[rabbitmq_management].\n"
 
-    def _ctl(self, *args: str, timeout: float = STOP_LIMIT_S) -> str:
+    def ctl(self, *args: str, timeout: float = STOP_LIMIT_S) -> str:
+        """``rabbitmqctl -n`` this node with ``args``; its stdout."""
         return _run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.name, *args], self._env, timeout)
 
     def start(self) -> None:
@@ -153,7 +164,7 @@ class PrivateRabbit:
         deadline = time.monotonic() + START_LIMIT_S
         while True:
             try:
-                self._ctl("await_startup", "--timeout", "30", timeout=40)
+                self.ctl("await_startup", "--timeout", "30", timeout=40)
                 return
             except NodeError:
                 if time.monotonic() > deadline:
@@ -175,7 +186,7 @@ class PrivateRabbit:
         """A real node stop (not stop_app): every connection drops, durable queues stay on disk."""
         if self.started:
             # Given the pid file, ``stop`` returns once the VM has exited: the name is free to start again.
-            self._ctl("stop", str(self.root / "node.pid"), timeout=STOP_LIMIT_S)
+            self.ctl("stop", str(self.root / "node.pid"), timeout=STOP_LIMIT_S)
             self.started = False
 
     def restart(self) -> None:
@@ -268,6 +279,7 @@ class PrivatePostgres:
         self.port = free_port()
         self.data = root / "data"
         self.log = root / "postgres.log"
+        self.fsync = "off"  # a harness measuring commit costs turns it on
         self.started = False
         root.mkdir(parents=True, exist_ok=True)
         shutil.chown(root, "postgres", "postgres")
@@ -282,6 +294,26 @@ class PrivatePostgres:
 
     def init(self) -> None:
         self._as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.data), "--no-sync")
+
+    def init_standby_of(self, primary: PrivatePostgres) -> None:
+        """Instead of :meth:`init`: a streaming standby of the running ``primary`` (``pg_basebackup -R``
+        writes ``standby.signal`` and ``primary_conninfo``; initdb's pg_hba trusts loopback replication)."""
+        self._as_postgres(
+            "pg_basebackup", "-h", LOOPBACK, "-p", str(primary.port), "-U", "postgres",
+            "-D", str(self.data), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+        )  # fmt: skip
+
+    def configure(self, **settings: str) -> None:
+        """Append ``postgresql.conf`` settings; a running server picks them up with :meth:`reload`."""
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+
+    def reload(self) -> None:
+        self._ctl("reload")
+
+    def promote(self) -> None:
+        """A standby becomes a primary (``pg_ctl promote -w`` returns once it accepts writes)."""
+        self._ctl("promote")
 
     def require_passwords(self) -> None:
         """Between init and start: TCP logins of roles other than postgres must give their password."""
@@ -307,11 +339,15 @@ class PrivatePostgres:
         )
 
     def _ctl(self, action: str, *extra: str) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync=off"
-        self._as_postgres(
-            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
-            "-t", str(START_LIMIT_S), action, *extra, timeout=START_LIMIT_S + 10,
-        )  # fmt: skip
+        options = f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync={self.fsync}"
+        try:
+            self._as_postgres(
+                "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
+                "-t", str(START_LIMIT_S), action, *extra, timeout=START_LIMIT_S + 10,
+            )  # fmt: skip
+        except NodeError as error:  # pg_ctl says "examine the log": the log goes away with the folder
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-5:] if self.log.exists() else []
+            raise NodeError(f"{error}; log: {' | '.join(tail)}") from None
 
     def start(self) -> None:
         self._ctl("start")
@@ -333,6 +369,36 @@ class PrivatePostgres:
             with contextlib.suppress(ValueError, IndexError, ProcessLookupError):
                 os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGKILL)
         self.started = False
+
+    def crash(self) -> None:
+        """kill -9 of the postmaster and every process it started, together: what a machine loss does. (A
+        backend outliving its postmaster could still commit, and its WAL would never reach a standby.)"""
+        pid_file = self.data / "postmaster.pid"
+        with contextlib.suppress(ValueError, IndexError, OSError, psutil.Error):
+            postmaster = psutil.Process(int(pid_file.read_text().splitlines()[0]))
+            processes = [postmaster, *postmaster.children(recursive=True)]
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGKILL)
+            _wait_gone(processes)
+        # A machine that died comes back with an empty /tmp: the socket and its lock file would otherwise make
+        # the next server on this port refuse to start.
+        for leftover in self.root.glob(f".s.PGSQL.{self.port}*"):
+            leftover.unlink(missing_ok=True)
+        self.started = False
+
+
+def _wait_gone(processes: list[psutil.Process]) -> None:
+    """Until every process has exited; a zombie counts (nothing may reap it here: PID 1 need not)."""
+    deadline = time.monotonic() + STOP_LIMIT_S
+    for process in processes:
+        while time.monotonic() < deadline:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
 
 
 class PrivateServers:
@@ -366,3 +432,55 @@ class PrivateServers:
             except NodeError:
                 node.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateCluster:
+    """Three (or ``size``) RabbitMQ nodes joined into one cluster: one Erlang cookie, a name, ports and a
+    data directory each under ``root``. The first node is the seed the others ``join_cluster``."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        cookie = secrets.token_hex(20).upper()
+        self.nodes = [PrivateRabbit(root / f"node{i}", cookie=cookie) for i in range(size)]
+
+    @property
+    def amqp_url(self) -> str:
+        """Every node's URL, comma-separated: what ``DETFLEET_AMQP_URL`` holds for a cluster."""
+        return ",".join(node.amqp_url for node in self.nodes)
+
+    def node_named(self, name: str) -> PrivateRabbit:
+        return next(node for node in self.nodes if node.name == name)
+
+    def start(self) -> None:
+        """Start every node (in parallel: a boot is mostly waiting), then join the others to the seed."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(PrivateRabbit.start, self.nodes))
+        seed = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", seed.name)
+            node.ctl("start_app")
+        seed.ctl("await_online_nodes", str(len(self.nodes)))
+
+    def running(self) -> list[PrivateRabbit]:
+        return [node for node in self.nodes if node.started]
+
+    def leader_of(self, queue: str, vhost: str = "/") -> PrivateRabbit:
+        """The node that leads quorum queue ``queue`` now, as a running node reports it."""
+        for asked in self.running():  # a node still booting does not answer yet: ask the next
+            try:
+                text = asked.ctl(
+                    "list_queues", "-p", vhost, "name", "leader", "--formatter", "json", "--quiet"
+                )
+            except NodeError:
+                continue
+            for entry in json.loads(text):
+                if entry["name"] == queue:
+                    return self.node_named(str(entry["leader"]))
+        raise NodeError(f"no running node names a leader of {queue}")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            try:
+                node.stop()
+            except NodeError:
+                node.kill()

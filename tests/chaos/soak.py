@@ -283,18 +283,33 @@ class Soak:
         self._restarting = {"rabbitmq": asyncio.Lock(), "postgres": asyncio.Lock()}
 
     @property
+    def amqp_url(self) -> str:
+        """Where producers and the soak's own checks reach the broker (a cluster soak lists every node)."""
+        return self.servers.rabbit.amqp_url
+
+    @property
+    def database_url(self) -> str:
+        """Where the soak reads rows (a cluster soak names the primary and its standby)."""
+        return self.servers.postgres.url
+
+    @property
+    def events_queue_arguments(self) -> dict[str, Any]:
+        """The soak's own result-events queue: classic on one node (a cluster soak replicates it)."""
+        return {}
+
+    @property
     def admin_settings(self) -> AdminSettings:
         return AdminSettings(
-            amqp_url=self.servers.rabbit.amqp_url,
+            amqp_url=self.amqp_url,
             management_url=self.servers.rabbit.management_url,
-            database_url=self.servers.postgres.url,
+            database_url=self.database_url,
         )
 
     async def run(self) -> SoakReport:
         started = time.monotonic()
         await admin.apply_topology(self.admin_settings)
         await self._watch_events()
-        await db.migrate(self.servers.postgres.url)
+        await db.migrate(self.database_url)
         model = self._model()
         await self._start_fleet(model)
         monitor = asyncio.create_task(self._monitor())
@@ -409,9 +424,7 @@ class Soak:
     async def _produce(
         self, camera: str, lane: Lane, count: int, frames: list[bytes], bad: list[bytes], rng: random.Random
     ) -> None:
-        settings = ProducerSettings(
-            amqp_url=self.servers.rabbit.amqp_url, producer_name=f"soak-{camera}", lane=lane
-        )
+        settings = ProducerSettings(amqp_url=self.amqp_url, producer_name=f"soak-{camera}", lane=lane)
         interval = self.config.duration_s / max(count, 1)
         loop = asyncio.get_running_loop()
         begin, wall = loop.time(), datetime.now(UTC)
@@ -529,7 +542,7 @@ class Soak:
         queues = [QUEUE_REALTIME, QUEUE_BULK, QUEUE_RETRY_READY, QUEUE_INTAKE]
         queues += list(Topology.from_settings(self.admin_settings).retry_levels)
         try:
-            broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-inspect", robust=False)
+            broker = await Broker.connect(self.amqp_url, "soak-inspect", robust=False)
         except BrokerError:
             return False
         try:
@@ -543,7 +556,7 @@ class Soak:
             await broker.close()
 
     async def _rows(self) -> list[Row]:
-        conn = await asyncpg.connect(self.servers.postgres.url, timeout=10)
+        conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
             records = await conn.fetch("SELECT task_id, status, lane, redeliveries FROM detfleet_results")
         finally:
@@ -553,14 +566,14 @@ class Soak:
     async def _watch_events(self) -> None:
         """A durable queue of the soak's own keeps every result event the fleet publishes (they are
         persistent), through broker restarts, until the accounting reads them back."""
-        broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-events", robust=False)
+        broker = await Broker.connect(self.amqp_url, "soak-events", robust=False)
         try:
-            await broker.bind(EXCHANGE_RESULTS, ["#"], EVENTS_QUEUE)
+            await broker.bind(EXCHANGE_RESULTS, ["#"], EVENTS_QUEUE, self.events_queue_arguments)
         finally:
             await broker.close()
 
     async def _events(self) -> list[uuid.UUID]:
-        broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-events", robust=False)
+        broker = await Broker.connect(self.amqp_url, "soak-events", robust=False)
         task_ids = []
         try:
             async with broker.reading(EVENTS_QUEUE) as reader:
@@ -572,7 +585,7 @@ class Soak:
         return task_ids
 
     async def _dlq(self) -> list[DlqEntry]:
-        broker = await Broker.connect(self.servers.rabbit.amqp_url, "soak-dlq", robust=False)
+        broker = await Broker.connect(self.amqp_url, "soak-dlq", robust=False)
         entries = []
         try:
             async with broker.reading(QUEUE_DLQ) as reader:

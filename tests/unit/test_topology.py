@@ -35,9 +35,39 @@ def test_each_queue_has_at_most_one_policy() -> None:
     assert len(queues) == len(set(queues))
 
 
-def test_quorum_queues_get_a_high_delivery_limit_as_a_backstop() -> None:
+def test_quorum_queues_get_a_high_delivery_limit_as_a_backstop_and_three_replicas() -> None:
     topology = Topology.from_settings(TopologySettings(queue_type="quorum"))
-    assert all(q.arguments == {"x-queue-type": "quorum", "x-delivery-limit": 1000} for q in topology.queues)
+    assert [q.name for q in topology.queues] == [
+        "detfleet.realtime",
+        "detfleet.bulk",
+        "detfleet.intake",
+        "detfleet.retry.1s",
+        "detfleet.retry.10s",
+        "detfleet.retry.60s",
+        "detfleet.retry.ready",
+        "detfleet.dlq",
+    ]
+    assert all(
+        q.arguments == {"x-queue-type": "quorum", "x-delivery-limit": 1000, "x-quorum-initial-group-size": 3}
+        for q in topology.queues
+    )
+
+
+def test_quorum_queues_dead_letter_at_least_once_except_the_drop_head_realtime_lane() -> None:
+    policies = {
+        p.queue: p.definition for p in Topology.from_settings(TopologySettings(queue_type="quorum")).policies
+    }
+    for queue in ("detfleet.bulk", "detfleet.retry.1s", "detfleet.retry.10s", "detfleet.retry.60s"):
+        assert policies[queue]["dead-letter-strategy"] == "at-least-once"
+        assert policies[queue]["overflow"] == "reject-publish"  # at-least-once is honoured only with it
+    assert policies["detfleet.realtime"]["overflow"] == "drop-head"
+    assert "dead-letter-strategy" not in policies["detfleet.realtime"]
+
+
+def test_classic_queues_keep_their_policies_without_quorum_keys() -> None:
+    for policy in Topology.from_settings().policies:
+        assert "dead-letter-strategy" not in policy.definition
+    assert all(q.arguments == {"x-queue-type": "classic"} for q in Topology.from_settings().queues)
 
 
 def test_retry_levels_follow_the_delays_and_the_last_repeats() -> None:
