@@ -549,7 +549,7 @@ def scale_lines(scale: dict[str, Any] | None, plot: Path | None, docs: Path) -> 
         )
         if "lanes_baseline" in scale:
             out += _scale_lanes(
-                "The same before the fix (a realtime batch topped up with bulk frames):",
+                "The same with the code before the last lane-isolation change (`--baseline`), same run:",
                 scale["lanes_baseline"],
             )
     return out

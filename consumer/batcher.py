@@ -49,6 +49,7 @@ class Batcher:
         self._bulk: deque[Job] = deque()  # bulk, retries and intake, in arrival order
         self._alone: deque[Job] = deque()  # redeliveries: one a batch
         self._work = asyncio.Event()
+        self._realtime_work = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._realtime) + len(self._bulk) + len(self._alone)
@@ -58,13 +59,23 @@ class Batcher:
             self._alone.append(job)
         elif job.task is not None and job.task.lane == "realtime":
             self._realtime.append(job)
+            self._realtime_work.set()
         else:
             self._bulk.append(job)
         self._work.set()
 
-    async def next_batch(self) -> list[Job]:
+    async def realtime_waiting(self) -> None:
+        """Return once a realtime frame waits for a batch."""
+        while not self._realtime:
+            self._realtime_work.clear()
+            await self._realtime_work.wait()
+
+    async def next_batch(self, realtime_only: bool = False) -> list[Job]:
         """The next batch: a redelivery alone, else up to the limit, realtime first, waiting at most
-        ``max_wait_s`` after the first job for the batch to fill."""
+        ``max_wait_s`` after the first job for the batch to fill. ``realtime_only``: realtime frames at
+        once, or an empty batch when none waits (the caller holds only the realtime slot)."""
+        if realtime_only and not self._realtime:
+            return []
         while not self:
             self._work.clear()
             await self._work.wait()

@@ -20,6 +20,7 @@ from consumer.detector.base import DecodedFrame, Detection, Detector, InferenceE
 from consumer.jobs import Job
 from consumer.metrics import ConsumerMetrics
 from consumer.outcomes import BadInput, Ok, OutOfMemory, Transient
+from consumer.slots import Turns
 
 # How ONNX Runtime's CPU arena and CUDA allocator word running out of memory.
 _OUT_OF_MEMORY = re.compile(
@@ -45,6 +46,11 @@ class Pipeline:
         self._metrics = metrics
         self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._turns = Turns()  # realtime batches infer before bulk batches that wait
+
+    def waiting_for_inference(self) -> int:
+        """Decoded batches waiting for the inference thread."""
+        return self._turns.waiting()
 
     async def warm_up(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._infer_pool, self.detector.warm_up)
@@ -64,7 +70,8 @@ class Pipeline:
             return Inferred()
         self._metrics.batch_size.observe(len(decoded))
         report = Inferred()
-        seconds = await self._infer(decoded, report)
+        urgent = any(j.task is not None and j.task.lane == "realtime" for j in decoded)
+        seconds = await self._infer(decoded, report, urgent)
         self._metrics.inference.observe(seconds)
         for job in decoded:
             job.inference_ms = seconds * 1000
@@ -90,14 +97,15 @@ class Pipeline:
             else:
                 job.image = frame
 
-    async def _infer(self, jobs: list[Job], report: Inferred) -> float:
+    async def _infer(self, jobs: list[Job], report: Inferred, urgent: bool) -> float:
         """Infer ``jobs``, splitting them on failure; returns the seconds spent in the runtime."""
         images = [j.image for j in jobs if j.image is not None]
         started = time.perf_counter()
         try:
-            results, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._infer_pool, _timed, self.detector, images
-            )
+            async with self._turns.turn(urgent):
+                results, seconds = await asyncio.get_running_loop().run_in_executor(
+                    self._infer_pool, _timed, self.detector, images
+                )
         except InferenceError as error:
             spent = time.perf_counter() - started
             out_of_memory = ran_out_of_memory(error)
@@ -108,7 +116,8 @@ class Pipeline:
                 jobs[0].outcome = OutOfMemory(reason) if out_of_memory else Transient(reason)
                 return spent
             middle = len(jobs) // 2
-            return spent + await self._infer(jobs[:middle], report) + await self._infer(jobs[middle:], report)
+            first = await self._infer(jobs[:middle], report, urgent)
+            return spent + first + await self._infer(jobs[middle:], report, urgent)
         for job, detections, frame in zip(jobs, results, images, strict=True):
             job.outcome = Ok(tuple(detections), *frame.source_size)
         return seconds

@@ -32,6 +32,7 @@ from consumer.metrics import ConsumerMetrics
 from consumer.pipeline import Pipeline
 from consumer.settle import Settler
 from consumer.sink import Sink, SinkUnavailableError
+from consumer.slots import Claim, Slots
 from shared.backoff import Stopped, until_it_works
 from shared.errors import BrokerUnavailableError
 from shared.settings import ConsumerSettings
@@ -62,7 +63,7 @@ class Worker:
         self._sink: Sink | None = None
         self._settler: Settler | None = None
         self._stop = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.batches_in_flight)
+        self._slots = Slots(settings.batches_in_flight)
         self._batches: set[asyncio.Task[None]] = set()
         self._chores: set[asyncio.Task[None]] = set()
         self._idle_since: float | None = None
@@ -141,20 +142,20 @@ class Worker:
 
     async def _form_batches(self, settler: Settler) -> None:
         while True:
-            await self._slots.acquire()
-            batch = await self.batcher.next_batch()
-            slots = 1
+            claim = await self._slots.take(self.batcher.realtime_waiting)
+            batch = await self.batcher.next_batch(claim.realtime_only)
+            if not batch:  # the realtime frames went (a pause, the hold limit) before the batch formed
+                self._slots.release(claim)
+                continue
             if batch[
                 0
             ].redelivered:  # alone in flight too: if it kills the process, no neighbour dies with it
-                slots = self.settings.batches_in_flight
-                for _ in range(slots - 1):
-                    await self._slots.acquire()
-            task = asyncio.create_task(self._process(batch, settler, slots))
+                await self._slots.take_all(claim)
+            task = asyncio.create_task(self._process(batch, settler, claim))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _process(self, batch: Sequence[Job], settler: Settler, slots: int) -> None:
+    async def _process(self, batch: Sequence[Job], settler: Settler, claim: Claim) -> None:
         try:
             started = datetime.now(UTC)
             for job in batch:
@@ -183,8 +184,7 @@ class Worker:
             logger.exception("Batch of %d failed unexpectedly; requeueing it", len(batch))
             await settler.requeue(batch)
         finally:
-            for _ in range(slots):
-                self._slots.release()
+            self._slots.release(claim)
             self.metrics.in_flight.set(self.held())
 
     # ---- sink and results outages, hold limit, idle exit, drain -------------------------------------------
