@@ -218,6 +218,14 @@ def _queue_arguments(s: TopologySettings) -> dict[str, Any]:
     return {"x-queue-type": "classic"}
 
 
+def _lazy(s: TopologySettings) -> dict[str, Any]:
+    """A night's backlog is deep: RabbitMQ 3.10's default classic mode keeps every body in RAM until memory
+    pressure pages it out; lazy writes bodies to disk at once (docs/scaling.md). 3.12+ classic queues behave
+    this way always. A quorum queue keeps its log on disk anyway, and RabbitMQ 3.10 does not apply a policy
+    carrying the key to one at all, so quorum mode leaves it out."""
+    return {"queue-mode": "lazy"} if s.queue_type == "classic" else {}
+
+
 def _dead_lettering(s: TopologySettings) -> dict[str, Any]:
     """Policy keys that make a quorum queue dead-letter at least once (docs/disaster-recovery.md).
 
@@ -253,10 +261,7 @@ def _policies(s: TopologySettings, levels: tuple[str, ...]) -> tuple[PolicySpec,
                 # Publishers get a nack and back off: nothing is dropped silently.
                 "overflow": "reject-publish",
                 "dead-letter-exchange": EXCHANGE_INTAKE,
-                # A night's backlog is deep: RabbitMQ 3.10's default classic mode keeps every body in RAM
-                # until memory pressure pages it out; lazy writes bodies to disk at once (docs/scaling.md).
-                # Quorum queues ignore the key; 3.12+ classic queues behave this way always.
-                "queue-mode": "lazy",
+                **_lazy(s),
                 **_dead_lettering(s),
             },
         ),

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -47,8 +46,8 @@ from rich.table import Table
 
 from shared.settings import AdminSettings
 from shared.topology import QUEUE_BULK
-from tests.chaos.nodes import LOOPBACK, NodeError, PrivateCluster, PrivatePostgres, free_port
-from tests.chaos.soak import Replica, Soak, SoakConfig, SoakReport, console
+from tests.chaos.nodes import LOOPBACK, NodeError, PrivateCluster, PrivatePostgres
+from tests.chaos.soak import Replica, Soak, SoakConfig, SoakReport, console, replica_env
 from tests.support.onnx_graphs import write_bright_square_model
 
 Replication = Literal["sync", "async"]
@@ -232,20 +231,13 @@ class ClusterSoak(Soak):
             self.replicas.append(replica)
 
     def _cluster_env(self, name: str, model: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DETFLEET_")}
-        return env | {
-            "DETFLEET_AMQP_URL": self.amqp_url,
-            "DETFLEET_DATABASE_URL": self.database_url,
-            "DETFLEET_QUEUE_TYPE": "quorum",
-            "DETFLEET_CONSUMER_ID": name,
-            "DETFLEET_MODEL_PATH": str(model),
-            "DETFLEET_DEVICE": "cpu",
-            "DETFLEET_HEALTH_PORT": str(free_port()),
-            "DETFLEET_INTRA_OP_THREADS": "1",
-            "DETFLEET_DECODE_THREADS": "1",
-            "DETFLEET_LOG_LEVEL": "WARNING",
-            "DETFLEET_SHUTDOWN_GRACE_S": "20",
-        }
+        return replica_env(
+            name,
+            model,
+            DETFLEET_AMQP_URL=self.amqp_url,
+            DETFLEET_DATABASE_URL=self.database_url,
+            DETFLEET_QUEUE_TYPE="quorum",
+        )
 
     def _schedule(self) -> list[tuple[float, str]]:
         """The events in the order given, spread evenly over the publishing window."""

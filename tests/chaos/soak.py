@@ -366,19 +366,12 @@ class Soak:
             self.replicas.append(replica)
 
     def _replica_env(self, name: str, link: Link, model: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DETFLEET_")}
-        return env | {
-            "DETFLEET_AMQP_URL": link.broker.amqp_url(self.servers.rabbit.amqp_url),
-            "DETFLEET_DATABASE_URL": self._database_url_via(link.database),
-            "DETFLEET_CONSUMER_ID": name,
-            "DETFLEET_MODEL_PATH": str(model),
-            "DETFLEET_DEVICE": "cpu",
-            "DETFLEET_HEALTH_PORT": str(free_port()),
-            "DETFLEET_INTRA_OP_THREADS": "1",
-            "DETFLEET_DECODE_THREADS": "1",
-            "DETFLEET_LOG_LEVEL": "WARNING",
-            "DETFLEET_SHUTDOWN_GRACE_S": "20",
-        }
+        return replica_env(
+            name,
+            model,
+            DETFLEET_AMQP_URL=link.broker.amqp_url(self.servers.rabbit.amqp_url),
+            DETFLEET_DATABASE_URL=self._database_url_via(link.database),
+        )
 
     def _database_url_via(self, proxy: TcpProxy) -> str:
         return self.servers.postgres.url.replace(f":{self.servers.postgres.port}/", f":{proxy.port}/")
@@ -604,6 +597,22 @@ class Soak:
         finally:
             await broker.close()
         return entries
+
+
+def replica_env(name: str, model: Path, **settings: str) -> dict[str, str]:
+    """The environment of a soak replica: no inherited DETFLEET_ variable, a small footprint, ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETFLEET_")}
+    return env | {
+        "DETFLEET_CONSUMER_ID": name,
+        "DETFLEET_MODEL_PATH": str(model),
+        "DETFLEET_DEVICE": "cpu",
+        "DETFLEET_HEALTH_PORT": str(free_port()),
+        "DETFLEET_INTRA_OP_THREADS": "1",
+        "DETFLEET_DECODE_THREADS": "1",
+        "DETFLEET_LOG_LEVEL": "WARNING",
+        "DETFLEET_SHUTDOWN_GRACE_S": "20",
+        **settings,
+    }
 
 
 def _uuid_or_none(text: str | None) -> uuid.UUID | None:

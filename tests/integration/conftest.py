@@ -6,8 +6,11 @@ tests that did not run.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from shared import admin, db
 from shared.broker.aio import Broker
 from shared.management import Management
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_MANAGEMENT_URL, AdminSettings
+from tests.chaos.nodes import NodeError, PrivateRabbit
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +80,19 @@ async def results_db(database_url: str) -> str:
     """A fresh database with every migration applied: the consumer's results table is there."""
     await db.migrate(database_url)
     return database_url
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of the test's own, which it may stop and start; stopped and removed after."""
+    root = Path(tempfile.mkdtemp(prefix="detfleet-node-"))
+    node = PrivateRabbit(root / "rabbit")
+    try:
+        node.start()
+        yield node
+    finally:
+        try:
+            node.stop()
+        except NodeError:
+            node.kill()
+        shutil.rmtree(root, ignore_errors=True)

@@ -7,11 +7,8 @@ as exactly one row, and leave the folder only once the broker confirmed it.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from producer.sources import file_key
 from shared import admin
 from shared.schema import frame_task_id
 from shared.settings import DEFAULT_DATABASE_URL, AdminSettings
-from tests.chaos.nodes import NodeError, PrivateRabbit
+from tests.chaos.nodes import PrivateRabbit
 from tests.integration.consumer_support import consumer_settings, rows_by_id, run_until_idle
 from tests.integration.gateway_support import gateway
 from tests.support.broker import wait_until
@@ -97,21 +94,6 @@ async def test_files_dropped_before_during_and_between_runs_end_as_one_row_each(
     rows = await rows_by_id(results_db)
     assert set(rows) == expected_ids(files)
     assert {r["status"] for r in rows.values()} == {"ok"}
-
-
-@pytest.fixture
-def private_rabbit() -> Iterator[PrivateRabbit]:
-    root = Path(tempfile.mkdtemp(prefix="detfleet-drop-"))
-    node = PrivateRabbit(root / "rabbit")
-    try:
-        node.start()
-        yield node
-    finally:
-        try:
-            node.stop()
-        except NodeError:
-            node.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.timeout(600)

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
 import aiohttp
 import pytest
 
 from shared import admin
 from shared.settings import DEFAULT_DATABASE_URL, AdminSettings
-from tests.chaos.nodes import NodeError, PrivateRabbit
+from tests.chaos.nodes import PrivateRabbit
 from tests.integration.http_gateway_support import bearer, gateway_settings, serving
 from tests.support.broker import wait_until
 from tests.support.frames import jpeg_bytes
 
 LOST_LIMIT_S = 30.0  # bound against a hang
-
-
-@pytest.fixture
-def private_rabbit() -> Iterator[PrivateRabbit]:
-    root = Path(tempfile.mkdtemp(prefix="detfleet-http-"))
-    node = PrivateRabbit(root / "rabbit")
-    try:
-        node.start()
-        yield node
-    finally:
-        try:
-            node.stop()
-        except NodeError:
-            node.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.timeout(300)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from shared import admin
-from shared.broker.aio import Broker
+from shared.broker.aio import Broker, Delivery
 from shared.management import Management
 from shared.settings import AdminSettings
 from shared.topology import QUEUE_RETRY_READY, Topology, vhost_of
@@ -58,17 +58,19 @@ async def test_every_queue_is_quorum_and_dead_letters_at_least_once_but_realtime
 
 
 async def test_a_quorum_retry_level_hands_its_task_back_after_the_delay(
-    quorum_settings: AdminSettings,
+    management: Management, quorum_settings: AdminSettings
 ) -> None:
+    # A quorum queue takes a new policy some seconds after it is set: publish once its TTL is in effect.
+    level = "detfleet.retry.200ms"
+    assert await effective(management, vhost_of(quorum_settings.amqp_url), level, "message-ttl") == 200
     broker = await Broker.connect(quorum_settings.amqp_url, "test:quorum-retry", robust=False)
     try:
         envelope = make_task().to_envelope(TINY_JPEG)
         await broker.publish(envelope, "detfleet.retry.200ms")
-        returned = []
-        for _ in range(50):  # bounded: the TTL is 200 ms, the dead-lettering confirms it to the source
+        returned: list[Delivery] = []
+        deadline = time.monotonic() + STATS_LIMIT_S  # a bound against a hang: the TTL is 200 ms
+        while not returned and time.monotonic() < deadline:
             returned = await read_all(broker, QUEUE_RETRY_READY)
-            if returned:
-                break
         assert [d.envelope.message_id for d in returned] == [envelope.message_id]
     finally:
         await broker.close()

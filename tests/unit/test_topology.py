@@ -99,3 +99,8 @@ def test_vhost_of_reads_the_url_path() -> None:
     assert vhost_of("amqp://guest:guest@host:5672") == "/"
     assert vhost_of("amqp://guest:guest@host:5672/%2F") == "/"
     assert vhost_of("amqp://guest:guest@host:5672/fleet-a") == "fleet-a"
+
+
+def test_quorum_policies_leave_out_queue_mode_which_rabbitmq_3_10_would_refuse_them_for() -> None:
+    topology = Topology.from_settings(TopologySettings(queue_type="quorum"))
+    assert all("queue-mode" not in p.definition for p in topology.policies)
